@@ -1,0 +1,358 @@
+package layercache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/layercache/layercache/internal/envelope"
+	"github.com/redis/go-redis/v9"
+)
+
+// Cache is a typed read-through cache over Redis for values of type T.
+// One Cache serves one namespace; it is safe for concurrent use and must be
+// closed with [Cache.Close] when no longer needed.
+//
+// A Cache with no options is a correct cache-aside cache: JSON values at
+// layercache:v1:{key}, fresh for 10 minutes, loads coalesced per key within
+// the process, "not found" remembered for 10 seconds.
+type Cache[T any] struct {
+	cfg    config
+	client redis.UniversalClient
+	keys   keyspace
+	store  store
+	log    *slog.Logger
+
+	flights flightGroup[T]
+	stats   counters
+
+	closeCtx  context.Context // cancelled by Close; stops detached loads
+	closeFn   context.CancelFunc
+	closeOnce sync.Once
+}
+
+// New returns a Cache of T values kept in Redis through client, which may be
+// a *redis.Client, *redis.ClusterClient, *redis.Ring or failover client.
+// New does no I/O. It returns an error wrapping [ErrInvalidOption] if an
+// option is invalid.
+func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error) {
+	if client == nil {
+		return nil, fmt.Errorf("%w: New needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	cfg := defaultConfig()
+	for _, opt := range opts {
+		if opt == nil {
+			cfg.fail("nil Option passed to New")
+			continue
+		}
+		opt(&cfg)
+	}
+	if cfg.codec == Raw && !rawCodecCompatible(new(T)) {
+		var zero T
+		cfg.fail("WithCodec(Raw) needs T to be []byte or string, not %T", zero)
+	}
+	if len(cfg.errs) > 0 {
+		return nil, errors.Join(cfg.errs...)
+	}
+	if cfg.logger == nil {
+		cfg.logger = slog.Default()
+	}
+	c := &Cache[T]{
+		cfg:    cfg,
+		client: client,
+		keys:   newKeyspace(cfg.namespace, cfg.version),
+	}
+	c.log = cfg.logger.With("cache", cfg.namespace+":"+cfg.version)
+	c.store = &keyPerEntryStore{client: client, keys: c.keys}
+	c.closeCtx, c.closeFn = context.WithCancel(context.Background())
+	return c, nil
+}
+
+// entryState is what a read found.
+type entryState uint8
+
+const (
+	stateMiss     entryState = iota // absent, expired or undecodable
+	stateFresh                      // a value within its fresh TTL
+	stateNegative                   // a fresh cached "not found"
+)
+
+// entry is one decoded read.
+type entry[T any] struct {
+	state entryState
+	val   T
+	hdr   envelope.Header
+}
+
+// Fetch returns the value of key, calling load on a miss and caching what it
+// returns. Concurrent Fetches of one key in this process share one load; the
+// load runs detached from ctx (bounded by [WithLoadTimeout]), so a caller
+// that gives up returns ctx.Err() without failing the others.
+//
+// A load returning an error wrapping [ErrNotFound] is cached as a negative
+// entry (see [WithNegativeTTL]) and returned as is. Other load errors are
+// returned and nothing is cached. A Redis failure never fails a Fetch: the
+// value is loaded and returned, and the failure counted and logged.
+func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.Context) (T, error)) (T, error) {
+	var zero T
+	if load == nil {
+		return zero, fmt.Errorf("%w: Fetch(%q) needs a load function", ErrInvalidOption, key)
+	}
+	if err := checkKey(key); err != nil {
+		return zero, err
+	}
+	e, err := c.read(ctx, key)
+	if err != nil && ctx.Err() != nil {
+		return zero, ctx.Err()
+	}
+	switch e.state {
+	case stateFresh:
+		return e.val, nil
+	case stateNegative:
+		return zero, ErrNotFound
+	}
+	return c.loadShared(ctx, key, load)
+}
+
+// Get returns the cached value of key without loading. It returns an error
+// wrapping [ErrNotFound] when the key is absent, expired, cached as not
+// found, or holds a value that does not decode; and the Redis error (wrapped)
+// when Redis cannot be read.
+func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
+	var zero T
+	if err := checkKey(key); err != nil {
+		return zero, err
+	}
+	e, err := c.read(ctx, key)
+	if err != nil {
+		return zero, fmt.Errorf("layercache: get %q: %w", key, err)
+	}
+	if e.state == stateFresh {
+		return e.val, nil
+	}
+	return zero, fmt.Errorf("%w: %q", ErrNotFound, key)
+}
+
+// Set writes value for key, fresh for the cache's TTL. A load of key that
+// is running in this process when Set is called will not overwrite it.
+func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	c.flights.invalidate(key)
+	return c.write(ctx, key, value, 0, false)
+}
+
+// Delete removes keys, which may fall in different Redis Cluster slots,
+// together with any lease on them. A load of one of them running in this
+// process when Delete is called will not cache its value. All keys are
+// checked before anything is deleted.
+func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
+	for _, k := range keys {
+		if err := checkKey(k); err != nil {
+			return err
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	for _, k := range keys {
+		c.flights.invalidate(k)
+	}
+	if err := c.store.del(ctx, keys); err != nil {
+		c.stats.redisErrors.Add(1)
+		return fmt.Errorf("layercache: delete: %w", err)
+	}
+	c.stats.deletes.Add(uint64(len(keys)))
+	return nil
+}
+
+// Stats returns a snapshot of the cache's counters.
+func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
+
+// Close stops the cache: running loads are cancelled and waited for, and
+// later Fetches that need a load fail with [ErrClosed]. It does not close
+// the Redis client, which the caller owns. Close is idempotent.
+func (c *Cache[T]) Close() error {
+	c.closeOnce.Do(func() {
+		c.closeFn()
+		c.flights.close()
+	})
+	return nil
+}
+
+// read fetches and decodes key from Redis. An error is a Redis failure;
+// everything else (absent, expired, corrupt) is a miss with a nil error.
+func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
+	var e entry[T]
+	raw, err := c.store.get(ctx, key)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.stats.redisErrors.Add(1)
+			c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: redis read failed; loading instead",
+				slog.String("key", key), slog.Any("err", err))
+		}
+		c.stats.misses.Add(1)
+		return e, err
+	}
+	if raw == nil {
+		c.stats.misses.Add(1)
+		return e, nil
+	}
+	hdr, payload, err := envelope.Decode(raw)
+	if err != nil {
+		c.decodeFailed(ctx, key, err)
+		return e, nil
+	}
+	e.hdr = hdr
+	if c.nowMillis() >= hdr.FreshUntil {
+		c.stats.misses.Add(1)
+		return e, nil
+	}
+	if hdr.Negative() {
+		c.stats.negativeHits.Add(1)
+		e.state = stateNegative
+		return e, nil
+	}
+	if err := c.cfg.codec.Unmarshal(payload, &e.val); err != nil {
+		c.decodeFailed(ctx, key, err)
+		return e, nil
+	}
+	c.stats.redisHits.Add(1)
+	e.state = stateFresh
+	return e, nil
+}
+
+func (c *Cache[T]) decodeFailed(ctx context.Context, key string, err error) {
+	c.stats.decodeErrors.Add(1)
+	c.stats.misses.Add(1)
+	c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: cached value does not decode; treating it as a miss",
+		slog.String("key", key), slog.Any("err", err))
+}
+
+// loadShared runs load once per key in this process and waits for it, or for
+// ctx, whichever comes first.
+func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context.Context) (T, error)) (T, error) {
+	var zero T
+	f, leader, ok := c.flights.join(key)
+	if !ok {
+		return zero, ErrClosed
+	}
+	if leader {
+		// The load outlives this caller if it gives up: it keeps the
+		// caller's values (trace context) but not its cancellation.
+		go c.runLoad(context.WithoutCancel(ctx), key, f, load)
+	} else {
+		c.stats.coalesced.Add(1)
+	}
+	select {
+	case <-f.done:
+		return f.val, f.err
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	}
+}
+
+// runLoad is the body of a shared load. Waiters are released as soon as the
+// value is loaded; the flight stays joinable until the value is in Redis so
+// that a caller arriving meanwhile does not start a second load.
+func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
+	defer c.flights.finish(key, f)
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
+	defer cancel()
+	stop := context.AfterFunc(c.closeCtx, cancel)
+	defer stop()
+
+	start := time.Now()
+	f.val, f.err = c.callLoader(ctx, key, load)
+	took := time.Since(start)
+	close(f.done)
+
+	switch {
+	case f.err == nil:
+	case errors.Is(f.err, ErrNotFound) && c.cfg.negativeTTL > 0:
+	default:
+		return
+	}
+	if f.stale.Load() {
+		// A Set or Delete overtook this load; its value may be older.
+		c.stats.skippedWrite.Add(1)
+		return
+	}
+	if err := c.write(ctx, key, f.val, took, f.err != nil); err != nil && !errors.Is(err, ErrValueTooLarge) {
+		c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: caching a loaded value failed",
+			slog.String("key", key), slog.Any("err", err))
+	}
+}
+
+// callLoader calls load, turning a panic into a *PanicError.
+func (c *Cache[T]) callLoader(ctx context.Context, key string, load func(context.Context) (T, error)) (val T, err error) {
+	c.stats.loads.Add(1)
+	defer func() {
+		if r := recover(); r != nil {
+			c.stats.loadPanics.Add(1)
+			c.stats.loadErrors.Add(1)
+			pe := &PanicError{Value: r, Stack: debug.Stack()}
+			c.log.LogAttrs(ctx, slog.LevelError, "layercache: loader panicked",
+				slog.String("key", key), slog.Any("panic", r), slog.String("stack", string(pe.Stack)))
+			var zero T
+			val, err = zero, pe
+		}
+	}()
+	val, err = load(ctx)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		c.stats.loadErrors.Add(1)
+	}
+	return val, err
+}
+
+// write stores value (or a negative entry) for key.
+func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Duration, negative bool) error {
+	var payload []byte
+	hdr := envelope.Header{LoadDuration: took}
+	ttl := c.cfg.ttl
+	if negative {
+		hdr.Flags = envelope.FlagNegative
+		ttl = c.cfg.negativeTTL
+	} else {
+		var err error
+		if payload, err = c.cfg.codec.Marshal(value); err != nil {
+			return fmt.Errorf("layercache: encode %q: %w", key, err)
+		}
+		if c.cfg.maxValue > 0 && len(payload) > c.cfg.maxValue {
+			c.stats.skippedWrite.Add(1)
+			return fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d", ErrValueTooLarge, key, len(payload), c.cfg.maxValue)
+		}
+		ttl = c.jitter(ttl)
+	}
+	now := c.nowMillis()
+	hdr.WrittenAt = now
+	hdr.FreshUntil = now + ttl.Milliseconds()
+	hdr.ExpiresAt = hdr.FreshUntil
+	if err := c.store.set(ctx, key, envelope.Encode(hdr, payload), ttl); err != nil {
+		c.stats.redisErrors.Add(1)
+		return fmt.Errorf("layercache: write %q: %w", key, err)
+	}
+	if negative {
+		c.stats.negativeWrites.Add(1)
+	} else {
+		c.stats.writes.Add(1)
+	}
+	return nil
+}
+
+// jitter spreads ttl by the configured fraction.
+func (c *Cache[T]) jitter(ttl time.Duration) time.Duration {
+	if c.cfg.jitter == 0 {
+		return ttl
+	}
+	f := 1 + c.cfg.jitter*(2*rand.Float64()-1)
+	return time.Duration(float64(ttl) * f)
+}
+
+func (c *Cache[T]) nowMillis() int64 { return c.cfg.clock.Now().UnixMilli() }

@@ -1,0 +1,64 @@
+package layercache
+
+import "sync/atomic"
+
+// Stats is a snapshot of a cache's counters since [New]. Counters only grow.
+// For dashboards, prefer the OpenTelemetry metrics; Stats is for tests,
+// health endpoints and users without OpenTelemetry.
+type Stats struct {
+	// LocalHits counts reads answered by the in-process tier.
+	LocalHits uint64
+	// RedisHits counts reads answered by a fresh value in Redis.
+	RedisHits uint64
+	// NegativeHits counts reads answered by a cached "not found".
+	NegativeHits uint64
+	// Misses counts reads that found no usable value (absent, expired,
+	// undecodable) and so went to the loader (Fetch) or returned
+	// ErrNotFound (Get).
+	Misses uint64
+	// Loads counts loader calls; LoadErrors those that failed (ErrNotFound
+	// aside), LoadPanics those that panicked.
+	Loads, LoadErrors, LoadPanics uint64
+	// Coalesced counts Fetch calls that shared another caller's load
+	// instead of calling the loader.
+	Coalesced uint64
+	// DecodeErrors counts values in Redis that were not valid envelopes or
+	// did not decode into T. Each was treated as a miss.
+	DecodeErrors uint64
+	// RedisErrors counts failed Redis commands (reads fall back to the
+	// loader; writes are logged and the loaded value still returned).
+	RedisErrors uint64
+	// Writes counts values written to Redis (Set, and Fetch fills);
+	// NegativeWrites the cached "not found" entries; Deletes the keys
+	// passed to Delete. SkippedWrites counts loaded values not cached
+	// because a write or delete of the key overtook the load, or they
+	// exceeded WithMaxValueSize.
+	Writes, NegativeWrites, Deletes, SkippedWrites uint64
+}
+
+// counters is the live, lock-free form of Stats.
+type counters struct {
+	localHits, redisHits, negativeHits, misses    atomic.Uint64
+	loads, loadErrors, loadPanics, coalesced      atomic.Uint64
+	decodeErrors, redisErrors                     atomic.Uint64
+	writes, negativeWrites, deletes, skippedWrite atomic.Uint64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		LocalHits:      c.localHits.Load(),
+		RedisHits:      c.redisHits.Load(),
+		NegativeHits:   c.negativeHits.Load(),
+		Misses:         c.misses.Load(),
+		Loads:          c.loads.Load(),
+		LoadErrors:     c.loadErrors.Load(),
+		LoadPanics:     c.loadPanics.Load(),
+		Coalesced:      c.coalesced.Load(),
+		DecodeErrors:   c.decodeErrors.Load(),
+		RedisErrors:    c.redisErrors.Load(),
+		Writes:         c.writes.Load(),
+		NegativeWrites: c.negativeWrites.Load(),
+		Deletes:        c.deletes.Load(),
+		SkippedWrites:  c.skippedWrite.Load(),
+	}
+}
