@@ -1,6 +1,6 @@
 module github.com/layercache/layercache
 
-go 1.26.0
+go 1.24
 
 require (
 	github.com/alicebob/miniredis/v2 v2.40.0
@@ -10,6 +10,6 @@ require (
 require (
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
 	github.com/yuin/gopher-lua v1.1.1 // indirect
-	go.uber.org/atomic v1.12.0 // indirect
-	golang.org/x/sys v0.48.0 // indirect
+	go.uber.org/atomic v1.11.0 // indirect
+	golang.org/x/sys v0.30.0 // indirect
 )
