@@ -258,11 +258,12 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 	}
 }
 
-// runLoad is the body of a shared load. Waiters are released as soon as the
-// value is loaded; the flight stays joinable until the value is in Redis so
-// that a caller arriving meanwhile does not start a second load.
+// runLoad is the body of a shared load. The value is written to Redis
+// before waiters are released, so a caller that got it from Fetch reads it
+// back with Get (read-your-writes within the process).
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
 	defer c.flights.finish(key, f)
+	defer close(f.done)
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
 	defer cancel()
 	stop := context.AfterFunc(c.closeCtx, cancel)
@@ -271,7 +272,6 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 	start := time.Now()
 	f.val, f.err = c.callLoader(ctx, key, load)
 	took := time.Since(start)
-	close(f.done)
 
 	switch {
 	case f.err == nil:

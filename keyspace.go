@@ -133,3 +133,11 @@ func checkName(what, s string) error {
 	}
 	return nil
 }
+
+// RedisKey returns the Redis key under which a cache with the given
+// namespace and version keeps key's value: namespace:version:{key}, with a
+// '}' or '\' in key escaped so the hash tag holds the whole key. It is for
+// operators' tools and tests; the cache builds keys itself.
+func RedisKey(namespace, version, key string) string {
+	return newKeyspace(namespace, version).entry(key)
+}
