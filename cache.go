@@ -260,10 +260,11 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 
 // runLoad is the body of a shared load. The value is written to Redis
 // before waiters are released, so a caller that got it from Fetch reads it
-// back with Get (read-your-writes within the process).
+// back with Get (read-your-writes within the process), and the flight leaves
+// the group before they are released, so no later caller can join a
+// finished flight and get a value that may since have expired.
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
 	defer c.flights.finish(key, f)
-	defer close(f.done)
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
 	defer cancel()
 	stop := context.AfterFunc(c.closeCtx, cancel)

@@ -7,7 +7,7 @@ import (
 
 // flight is one shared load of one key in this process.
 type flight[T any] struct {
-	done chan struct{} // closed when val and err are set
+	done chan struct{} // closed by finish, after val and err are set
 	val  T
 	err  error
 	// stale is set by a write or delete of the key while the load runs: the
@@ -48,14 +48,16 @@ func (g *flightGroup[T]) join(key string) (f *flight[T], leader, ok bool) {
 	return f, true, true
 }
 
-// finish removes f from the group once its result is stored, and marks the
-// load as ended.
+// finish removes f from the group, then releases its waiters. The order
+// matters: a caller that joins after the result is stored must start a new
+// flight (and will find the value in Redis), never join a finished one.
 func (g *flightGroup[T]) finish(key string, f *flight[T]) {
 	g.mu.Lock()
 	if g.m[key] == f {
 		delete(g.m, key)
 	}
 	g.mu.Unlock()
+	close(f.done)
 	g.wg.Done()
 }
 

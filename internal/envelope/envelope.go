@@ -96,11 +96,13 @@ func Encode(h Header, payload []byte) []byte {
 // Decode never panics, whatever b holds.
 func Decode(b []byte) (Header, []byte, error) {
 	var h Header
+	// Magic first: a legacy value written by other code is far more
+	// common than a truncated envelope, and deserves the clearer error.
+	if len(b) > 0 && b[0] != Magic {
+		return h, nil, ErrMagic
+	}
 	if len(b) < HeaderSize {
 		return h, nil, ErrShort
-	}
-	if b[0] != Magic {
-		return h, nil, ErrMagic
 	}
 	if b[1] != Version {
 		return h, nil, ErrVersion

@@ -532,7 +532,7 @@ func startStandalone() (*Target, error) {
 // rebuilt on new ports with redis-cli --cluster create.
 func startCluster() (*Target, error) {
 	var errs []error
-	for _, create := range []func([]string) error{func([]string) error { return errors.New("forced") }, clusterCreateCLI} {
+	for _, create := range []func([]string) error{clusterCreateDirect, clusterCreateCLI} {
 		tgt, err := tryStartCluster(create)
 		if err == nil {
 			return tgt, nil

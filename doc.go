@@ -1,0 +1,20 @@
+// Package layercache puts a safe, fast, observable cache on top of a go-redis
+// client.
+//
+// A [Cache] of T replaces hand-written rdb.Get / json.Unmarshal / load /
+// rdb.Set code with one call, [Cache.Fetch]:
+//
+//	users, err := layercache.New[User](rdb, layercache.WithNamespace("users"), layercache.WithTTL(time.Minute))
+//	u, err := users.Fetch(ctx, "42", func(ctx context.Context) (User, error) { return db.User(ctx, 42) })
+//
+// Values live at namespace:version:{key} (the key in a Redis Cluster hash
+// tag) inside a small binary envelope that records when the value was
+// written and until when it is fresh. A value that does not decode is a
+// counted miss, never an error or a panic. Concurrent misses of one key in
+// a process share one load, detached from any one caller's context; a load
+// returning [ErrNotFound] is remembered for a short while.
+//
+// It works with *redis.Client, *redis.ClusterClient, *redis.Ring and the
+// failover client through [redis.UniversalClient]. No command or script
+// touches keys of two Cluster slots.
+package layercache
