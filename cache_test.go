@@ -16,6 +16,7 @@ import (
 	"github.com/layercache/layercache/internal/envelope"
 	"github.com/layercache/layercache/internal/redistest"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
 )
 
 type user struct {
@@ -627,6 +628,7 @@ func nanFloat() float64 { z := 0.0; return z / z }
 func TestCloseWaitsForLoads(t *testing.T) {
 	tgt := redistest.Miniredis(t)
 	client := tgt.NewClient(t)
+	defer goleak.VerifyNone(t, leakOptions()...)
 	c, err := layercache.New[user](client, layercache.WithLogger(quiet))
 	if err != nil {
 		t.Fatal(err)
@@ -651,5 +653,15 @@ func TestCloseWaitsForLoads(t *testing.T) {
 	}
 	if err := c.Close(); err != nil {
 		t.Fatalf("second Close = %v", err)
+	}
+}
+
+// leakOptions ignore goroutines that belong to the test's servers and
+// clients, not to the cache under test.
+func leakOptions() []goleak.Option {
+	return []goleak.Option{
+		goleak.IgnoreCurrent(),
+		goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer"),
+		goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer.func2"),
 	}
 }

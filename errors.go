@@ -40,6 +40,7 @@ type PanicError struct {
 	Stack []byte
 }
 
+// Error describes the panic; the stack is in the Stack field.
 func (e *PanicError) Error() string {
 	return fmt.Sprintf("layercache: loader panicked: %v", e.Value)
 }
