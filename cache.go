@@ -31,6 +31,10 @@ type Cache[T any] struct {
 	flights flightGroup[T]
 	stats   counters
 
+	// Throttled logs of events that, when they happen, happen to every
+	// request: a Redis outage, a keyspace full of undecodable values.
+	logReadFailed, logWriteFailed, logDecodeFailed throttledLog
+
 	closeCtx  context.Context // cancelled by Close; stops detached loads
 	closeFn   context.CancelFunc
 	closeOnce sync.Once
@@ -194,7 +198,7 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	if err != nil {
 		if ctx.Err() == nil {
 			c.stats.redisErrors.Add(1)
-			c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: redis read failed; loading instead",
+			c.logReadFailed.log(ctx, c.log, slog.LevelWarn, "layercache: redis read failed; loading instead",
 				slog.String("key", key), slog.Any("err", err))
 		}
 		c.stats.misses.Add(1)
@@ -231,7 +235,7 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 func (c *Cache[T]) decodeFailed(ctx context.Context, key string, err error) {
 	c.stats.decodeErrors.Add(1)
 	c.stats.misses.Add(1)
-	c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: cached value does not decode; treating it as a miss",
+	c.logDecodeFailed.log(ctx, c.log, slog.LevelWarn, "layercache: cached value does not decode; treating it as a miss",
 		slog.String("key", key), slog.Any("err", err))
 }
 
@@ -286,7 +290,7 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 		return
 	}
 	if err := c.write(ctx, key, f.val, took, f.err != nil); err != nil && !errors.Is(err, ErrValueTooLarge) {
-		c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: caching a loaded value failed",
+		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
 			slog.String("key", key), slog.Any("err", err))
 	}
 }

@@ -560,7 +560,7 @@ func TestMaxValueSize(t *testing.T) {
 
 func TestRedisDownStillLoads(t *testing.T) {
 	// A client pointed at a port nobody listens on.
-	client := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", DialTimeout: 100 * time.Millisecond, MaxRetries: -1})
+	client := downClient()
 	defer client.Close()
 	c := newCache[user](t, client)
 	var loads counter
@@ -664,4 +664,46 @@ func leakOptions() []goleak.Option {
 		goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer"),
 		goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer.func2"),
 	}
+}
+
+func TestOutageLogsAreThrottled(t *testing.T) {
+	var buf strings.Builder
+	var mu sync.Mutex
+	logger := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return buf.Write(p)
+	}), nil))
+	client := downClient()
+	defer client.Close()
+	c, err := layercache.New[user](client, layercache.WithLogger(logger))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var loads counter
+	for i := range 20 {
+		if _, err := c.Fetch(context.Background(), fmt.Sprint(i), loads.user(i, 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	lines := strings.Count(buf.String(), "\n")
+	mu.Unlock()
+	// 20 failed reads and 20 failed writes, within a second: one line each.
+	if lines == 0 || lines > 4 {
+		t.Fatalf("%d log lines for 20 failing Fetches, want 1 or 2:\n%s", lines, buf.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// downClient is a client of a port nobody listens on, failing fast.
+func downClient() *redis.Client {
+	return redis.NewClient(&redis.Options{
+		Addr: "127.0.0.1:1", DialTimeout: 50 * time.Millisecond, MaxRetries: -1,
+		DialerRetries: 1, DialerRetryTimeout: time.Millisecond,
+	})
 }
