@@ -56,9 +56,9 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		}
 		opt(&cfg)
 	}
-	if cfg.codec == Raw && !rawCodecCompatible(new(T)) {
+	if cfg.codec == PassThrough && !rawCodecCompatible(new(T)) {
 		var zero T
-		cfg.fail("WithCodec(Raw) needs T to be []byte or string, not %T", zero)
+		cfg.fail("WithCodec(PassThrough) needs T to be []byte or string, not %T", zero)
 	}
 	if len(cfg.errs) > 0 {
 		return nil, errors.Join(cfg.errs...)

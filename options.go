@@ -103,7 +103,7 @@ func WithTTLJitter(fraction float64) Option {
 }
 
 // WithCodec sets how values are encoded in Redis. The default is [JSON];
-// [Raw] passes []byte and string values through unchanged.
+// [PassThrough] passes []byte and string values through unchanged.
 func WithCodec(codec Codec) Option {
 	return func(c *config) {
 		if codec == nil {
