@@ -35,6 +35,15 @@ type Cache[T any] struct {
 	// request: a Redis outage, a keyspace full of undecodable values.
 	logReadFailed, logWriteFailed, logDecodeFailed throttledLog
 
+	// Versions, layouts and migration (versioning.go, layout.go,
+	// dualread.go).
+	vals   *validation[T] // nil without WithValidator
+	writes *writeClock
+	mig    *migration     // nil unless WithMigration
+	sweeps []*hashStore   // Hash layouts swept in the background
+	bg     sync.WaitGroup // background goroutines; Close waits for them
+	logBg  throttledLog
+
 	closeCtx  context.Context // cancelled by Close; stops detached loads
 	closeFn   context.CancelFunc
 	closeOnce sync.Once
@@ -60,6 +69,7 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		var zero T
 		cfg.fail("WithCodec(PassThrough) needs T to be []byte or string, not %T", zero)
 	}
+	vals, upgrades := resolveVersioning[T](&cfg)
 	if len(cfg.errs) > 0 {
 		return nil, errors.Join(cfg.errs...)
 	}
@@ -70,10 +80,12 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		cfg:    cfg,
 		client: client,
 		keys:   newKeyspace(cfg.namespace, cfg.version),
+		vals:   vals,
+		writes: newWriteClock(),
 	}
 	c.log = cfg.logger.With("cache", cfg.namespace+":"+cfg.version)
-	c.store = &keyPerEntryStore{client: client, keys: c.keys}
 	c.closeCtx, c.closeFn = context.WithCancel(context.Background())
+	c.store = c.buildStore(upgrades)
 	return c, nil
 }
 
@@ -177,7 +189,11 @@ func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
 }
 
 // Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
+func (c *Cache[T]) Stats() Stats {
+	st := c.stats.snapshot()
+	st.Migration = c.mig.snapshot()
+	return st
+}
 
 // Close stops the cache: running loads are cancelled and waited for, and
 // later Fetches that need a load fail with [ErrClosed]. It does not close
@@ -186,6 +202,7 @@ func (c *Cache[T]) Close() error {
 	c.closeOnce.Do(func() {
 		c.closeFn()
 		c.flights.close()
+		c.bg.Wait()
 	})
 	return nil
 }
@@ -226,6 +243,10 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	if err := c.cfg.codec.Unmarshal(payload, &e.val); err != nil {
 		c.decodeFailed(ctx, key, err)
 		return e, nil
+	}
+	if !c.valid(ctx, key, e.val) {
+		c.stats.misses.Add(1)
+		return entry[T]{}, nil
 	}
 	c.stats.redisHits.Add(1)
 	e.state = stateFresh
@@ -337,6 +358,7 @@ func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Dur
 	}
 	now := c.nowMillis()
 	hdr.WrittenAt = now
+	hdr.WriteVersion = c.writes.next()
 	hdr.FreshUntil = now + ttl.Milliseconds()
 	hdr.ExpiresAt = hdr.FreshUntil
 	if err := c.store.set(ctx, key, envelope.Encode(hdr, payload), ttl); err != nil {

@@ -31,6 +31,18 @@ type config struct {
 	logger      *slog.Logger
 	clock       Clock
 
+	// Schema versions (versioning.go). Typed hooks are kept as any and
+	// checked against the cache's T in New.
+	upgrades        []upgradeOption
+	validators      []validatorOption
+	versionFromType bool
+
+	// Layouts and migration (layout.go, dualread.go).
+	layout     *Layout
+	migration  *migrationOption
+	phasePoll  time.Duration // how often a migrating cache re-reads its phase
+	sweepEvery time.Duration // how often Hash layouts sweep expired fields
+
 	errs []error
 }
 
@@ -43,6 +55,8 @@ func defaultConfig() config {
 		negativeTTL: DefaultNegativeTTL,
 		loadTimeout: DefaultLoadTimeout,
 		clock:       systemClock{},
+		phasePoll:   defaultPhasePoll,
+		sweepEvery:  defaultSweepEvery,
 	}
 }
 

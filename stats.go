@@ -34,6 +34,18 @@ type Stats struct {
 	// because a write or delete of the key overtook the load, or they
 	// exceeded WithMaxValueSize.
 	Writes, NegativeWrites, Deletes, SkippedWrites uint64
+
+	// Upgrades counts reads answered by upgrading a value found at an
+	// older version (WithUpgradeFrom), without a load; UpgradeErrors the
+	// older values that could not be upgraded (each then a miss).
+	Upgrades, UpgradeErrors uint64
+	// ValidationFailures counts values read from Redis that a
+	// WithValidator check rejected; each was a miss.
+	ValidationFailures uint64
+	// Swept counts expired fields deleted by the Hash layout's sweep.
+	Swept uint64
+	// Migration counts a migrating cache's reads and writes per side.
+	Migration MigrationStats
 }
 
 // counters is the live, lock-free form of Stats.
@@ -42,6 +54,8 @@ type counters struct {
 	loads, loadErrors, loadPanics, coalesced      atomic.Uint64
 	decodeErrors, redisErrors                     atomic.Uint64
 	writes, negativeWrites, deletes, skippedWrite atomic.Uint64
+	upgrades, upgradeErrors, validationFailures   atomic.Uint64
+	swept                                         atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -60,5 +74,10 @@ func (c *counters) snapshot() Stats {
 		NegativeWrites: c.negativeWrites.Load(),
 		Deletes:        c.deletes.Load(),
 		SkippedWrites:  c.skippedWrite.Load(),
+
+		Upgrades:           c.upgrades.Load(),
+		UpgradeErrors:      c.upgradeErrors.Load(),
+		ValidationFailures: c.validationFailures.Load(),
+		Swept:              c.swept.Load(),
 	}
 }
