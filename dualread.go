@@ -128,9 +128,10 @@ type migrationOption struct {
 // Both sides of a write carry the same envelope: the same absolute expiry
 // and write version. The first side takes a new write version; the second
 // is written set-if-newer, so retried or reordered dual writes leave both
-// sides holding the same, newest value. A dual write costs two round
-// trips, a fallback read two, a backfill one more; reads and writes in the
-// single-side phases cost one, plus one DEL on the other side per write.
+// sides holding the same, newest value. A dual write costs three round
+// trips (the second side's version is read first, so that writers' clocks
+// need not agree), a write in a single-side phase two (the other side's
+// copy is deleted), a read one, a fallback read two, a backfill one more.
 // [Stats].Migration counts reads, hits, misses, fallbacks, backfills and
 // errors per side.
 //
@@ -430,53 +431,72 @@ func (d *dualStore) set(ctx context.Context, key string, env []byte, ttl time.Du
 	return err
 }
 
-// write applies a write as the phase says. In the dual phases the
-// authoritative side is written first, in mode; the other side then gets
-// the same envelope with the version the first side stored, set-if-newer.
-// The write fails if either side fails (the caller learns that the sides
-// may differ; a reconcile repairs them). In the single-side phases the
-// other side's copy is deleted; failing to delete is counted and logged by
-// the caller's stats, not returned, since the written side is right.
+// write applies a write as the phase says.
+//
+// Write versions come from the writers' clocks, which may disagree, so a
+// fresh write must be proposed past whatever the side it does not write
+// first holds; otherwise, landing on an empty first side, it could get a
+// version below an older value on the other side, lose its copy there and
+// lose to a backfill of that older value. Hence:
+//
+//   - Dual phases: read the second side's version, write the first
+//     (authoritative) side fresh, proposing past it, then copy the same
+//     envelope, with the version the first side stored, to the second
+//     side set-if-newer. Three round trips. Retried or reordered dual
+//     writes leave both sides at the highest version either applied.
+//   - Single-side phases: take the other side's copy (delete it, reading
+//     its version, in one script), then write the active side fresh,
+//     proposing past it. Two round trips. The other side is left without
+//     the key, never with an older value.
+//
+// Copies (mode writeCopy: upgrades) are set-if-newer on every side they
+// go to and need neither step. A write fails if any step fails; the
+// caller learns that the sides may differ, which a reconcile repairs.
 func (d *dualStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
 	p, err := d.mig.current(ctx)
 	if err != nil {
 		return 0, false, err
 	}
-	switch p {
-	case PhaseOld, PhaseNewOnly:
-		side := authority(p)
-		v, ok, err := d.writeSide(ctx, side, key, env, ttl, mode)
-		if err != nil || !ok {
-			return v, ok, err
-		}
-		o := &d.mig.sides[1-side]
-		if derr := d.sides[1-side].del(ctx, []string{key}); derr != nil {
-			if ctx.Err() == nil {
-				o.errors.Add(1)
+	first := authority(p)
+	second := 1 - first
+	single := p == PhaseOld || p == PhaseNewOnly
+	if mode == writeFresh {
+		var other uint64
+		if single {
+			other, err = d.sides[second].take(ctx, key)
+			if err == nil {
+				d.mig.sides[second].invalidations.Add(1)
 			}
 		} else {
-			o.invalidations.Add(1)
+			other, err = d.sides[second].version(ctx, key)
 		}
-		return v, ok, nil
+		if err != nil {
+			if ctx.Err() == nil {
+				d.mig.sides[second].errors.Add(1)
+			}
+			return 0, false, fmt.Errorf("%s side (%v): %w", sideName(second), d.sides[second].layout(), err)
+		}
+		env = proposePast(env, other)
 	}
-	first := authority(p)
 	v, ok, err := d.writeSide(ctx, first, key, env, ttl, mode)
-	if err != nil {
+	if err != nil || !ok || single {
 		return v, ok, err
 	}
-	if !ok {
-		// A copy the authoritative side already has something newer
-		// than: the other side gets nothing either.
-		return v, false, nil
+	if v != headerVersion(env) {
+		env = withWriteVersion(env, v)
 	}
-	second := env
-	if v != binaryVersion(env) {
-		second = withWriteVersion(env, v)
+	_, _, err = d.writeSide(ctx, second, key, env, ttl, writeCopy)
+	return v, ok, err
+}
+
+// proposePast returns env with its proposed write version raised, if
+// needed, to one counter step past other (keeping env's writer id).
+func proposePast(env []byte, other uint64) []byte {
+	p := headerVersion(env)
+	if other>>16 < p>>16 {
+		return env
 	}
-	if _, _, err := d.writeSide(ctx, 1-first, key, second, ttl, writeCopy); err != nil {
-		return v, ok, err
-	}
-	return v, ok, nil
+	return withWriteVersion(env, (other>>16+1)<<16|p&0xffff)
 }
 
 func (d *dualStore) writeSide(ctx context.Context, side int, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
@@ -514,15 +534,4 @@ func sideName(side int) string {
 		return "new"
 	}
 	return "old"
-}
-
-func binaryVersion(env []byte) uint64 {
-	if len(env) < envelope.HeaderSize {
-		return 0
-	}
-	h, _, err := envelope.Decode(env)
-	if err != nil {
-		return 0
-	}
-	return h.WriteVersion
 }

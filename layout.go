@@ -219,6 +219,39 @@ type layoutStore interface {
 	casMany(ctx context.Context, ops []casOp) ([]bool, error)
 	// leaseKey is the Redis key of key's lease, in the value's slot.
 	leaseKey(key string) (string, error)
+	// version returns the write version key holds (0 if none). It may
+	// overstate it (a stale Raw stamp), never understate it.
+	version(ctx context.Context, key string) (uint64, error)
+	// take deletes key's value and returns the write version it held:
+	// the invalidation of the side a single-side phase does not write.
+	take(ctx context.Context, key string) (uint64, error)
+}
+
+// headerVersion returns the write version of an envelope header (at
+// least its first 40 bytes), or 0 for anything else.
+func headerVersion(b []byte) uint64 {
+	if len(b) < envelope.HeaderSize || b[0] != envelope.Magic || b[1] != envelope.Version {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b[32:40])
+}
+
+// versionReply reads a script or command reply holding a header (or a
+// Raw stamp, whose first 8 bytes are the version).
+func versionReply(b []byte, err error, stamp bool) (uint64, error) {
+	if errors.Is(err, redis.Nil) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	if stamp {
+		if len(b) < 9 {
+			return 0, nil
+		}
+		return binary.BigEndian.Uint64(b[:8]), nil
+	}
+	return headerVersion(b), nil
 }
 
 // ---- Lua ----
@@ -405,6 +438,29 @@ end
 return 1
 `)
 
+// kpeTakeScript: KEYS[1] value key. Deletes it, returns its first 40
+// bytes (the header, if it is an envelope).
+var kpeTakeScript = redis.NewScript(`
+local h = redis.call('GETRANGE', KEYS[1], 0, 39)
+redis.call('DEL', KEYS[1])
+return h
+`)
+
+// hashTakeScript: KEYS[1] shard hash; ARGV[1] field.
+var hashTakeScript = redis.NewScript(`
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return string.sub(v, 1, 40)
+`)
+
+// rawTakeScript: KEYS raw key, stamp. Returns the stamp.
+var rawTakeScript = redis.NewScript(`
+local st = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+return st or false
+`)
+
 // scriptResult turns a write script's reply into (version, written).
 func scriptResult(cmd *redis.Cmd) (uint64, bool, error) {
 	s, err := cmd.Text()
@@ -498,6 +554,16 @@ func (s *keyPerEntryStore) casMany(ctx context.Context, ops []casOp) ([]bool, er
 			args: []any{boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(op.ttl)}}
 	}
 	return casResults(evalMany(ctx, s.client, kpeCASScript, calls))
+}
+
+func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, error) {
+	b, err := s.client.GetRange(ctx, s.keys.entry(key), 0, envelope.HeaderSize-1).Bytes()
+	return versionReply(b, err, false)
+}
+
+func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error) {
+	b, err := kpeTakeScript.Run(ctx, s.client, []string{s.keys.entry(key)}).Text()
+	return versionReply([]byte(b), err, false)
 }
 
 func (s *keyPerEntryStore) leaseKey(key string) (string, error) { return s.keys.lease(key), nil }
@@ -631,6 +697,16 @@ func (s *hashStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 	return casResults(evalMany(ctx, s.client, hashCASScript, calls))
 }
 
+func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
+	b, err := s.client.HGet(ctx, s.shardOf(key), key).Bytes()
+	return versionReply(b, err, false)
+}
+
+func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
+	b, err := hashTakeScript.Run(ctx, s.client, []string{s.shardOf(key)}, key).Text()
+	return versionReply([]byte(b), err, false)
+}
+
 func (s *hashStore) leaseKey(key string) (string, error) {
 	return s.shardOf(key) + ":lease:" + key, nil
 }
@@ -734,6 +810,27 @@ func (s *rawStore) keysOf(key string) (raw, stamp string, err error) {
 	raw = s.rawKey(key)
 	stamp, err = companion(raw, rawStampSuffix)
 	return raw, stamp, err
+}
+
+// version trusts the stamp without checking it against the payload: a
+// stale stamp overstates the version, which only makes the next write's
+// version higher.
+func (s *rawStore) version(ctx context.Context, key string) (uint64, error) {
+	_, stamp, err := s.keysOf(key)
+	if err != nil {
+		return 0, err
+	}
+	b, err := s.client.Get(ctx, stamp).Bytes()
+	return versionReply(b, err, true)
+}
+
+func (s *rawStore) take(ctx context.Context, key string) (uint64, error) {
+	raw, stamp, err := s.keysOf(key)
+	if err != nil {
+		return 0, err
+	}
+	b, err := rawTakeScript.Run(ctx, s.client, []string{raw, stamp}).Text()
+	return versionReply([]byte(b), err, true)
 }
 
 func (s *rawStore) leaseKey(key string) (string, error) {
