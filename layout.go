@@ -215,6 +215,9 @@ type layoutStore interface {
 	write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (version uint64, written bool, err error)
 	// readMany reads keys in one round trip per node.
 	readMany(ctx context.Context, keys []string) ([]record, error)
+	// exists reports, in one round trip per node, which keys have a
+	// stored value (found, in readMany's terms).
+	exists(ctx context.Context, keys []string) ([]bool, error)
 	// casMany applies compare-and-set repairs, reporting which applied.
 	casMany(ctx context.Context, ops []casOp) ([]bool, error)
 	// leaseKey is the Redis key of key's lease, in the value's slot.
@@ -547,6 +550,29 @@ func (s *keyPerEntryStore) readMany(ctx context.Context, keys []string) ([]recor
 	return out, nil
 }
 
+func (s *keyPerEntryStore) exists(ctx context.Context, keys []string) ([]bool, error) {
+	return existsMany(ctx, s.client, keys, func(p redis.Pipeliner, k string) *redis.IntCmd { return p.Exists(ctx, s.keys.entry(k)) })
+}
+
+// existsMany runs one existence command per key in a pipeline.
+func existsMany(ctx context.Context, client redis.UniversalClient, keys []string, cmd func(redis.Pipeliner, string) *redis.IntCmd) ([]bool, error) {
+	cmds := make([]*redis.IntCmd, len(keys))
+	_, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range keys {
+			cmds[i] = cmd(p, k)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]bool, len(keys))
+	for i, c := range cmds {
+		out[i] = c.Val() == 1
+	}
+	return out, nil
+}
+
 func (s *keyPerEntryStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 	calls := make([]scriptCall, len(ops))
 	for i, op := range ops {
@@ -684,6 +710,24 @@ func (s *hashStore) readMany(ctx context.Context, keys []string) ([]record, erro
 		if b, err := cmd.Bytes(); err == nil {
 			out[i] = record{env: b, native: b, found: true}
 		}
+	}
+	return out, nil
+}
+
+func (s *hashStore) exists(ctx context.Context, keys []string) ([]bool, error) {
+	cmds := make([]*redis.BoolCmd, len(keys))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range keys {
+			cmds[i] = p.HExists(ctx, s.shardOf(k), k)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]bool, len(keys))
+	for i, c := range cmds {
+		out[i] = c.Val()
 	}
 	return out, nil
 }
@@ -974,6 +1018,10 @@ func (s *rawStore) del(ctx context.Context, keys []string) error {
 		return nil
 	})
 	return err
+}
+
+func (s *rawStore) exists(ctx context.Context, keys []string) ([]bool, error) {
+	return existsMany(ctx, s.client, keys, func(p redis.Pipeliner, k string) *redis.IntCmd { return p.Exists(ctx, s.rawKey(k)) })
 }
 
 func (s *rawStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {

@@ -440,10 +440,18 @@ func TestReconcileResumeAndProgress(t *testing.T) {
 				_ = newSide.Set(ctx, k, item{Key: k, Seq: 1})
 			case 1: // old only
 				_ = oldSide.Set(ctx, k, item{Key: k, Seq: 1})
-			case 2: // both, different: the new side is written later
+			case 2: // both, different: the new side is written later (below)
 				_ = oldSide.Set(ctx, k, item{Key: k, Seq: 1})
-				_ = newSide.Set(ctx, k, item{Key: k, Seq: 2})
 			}
+		}
+		// Write versions order writes of different instances by their
+		// millisecond; let it tick so that "later" is unambiguous.
+		for t0 := time.Now().UnixMilli(); time.Now().UnixMilli() <= t0; {
+			time.Sleep(100 * time.Microsecond)
+		}
+		for i := 2; i < n; i += 3 {
+			k := fmt.Sprint(i)
+			_ = newSide.Set(ctx, k, item{Key: k, Seq: 2})
 		}
 		_ = newSide.Set(ctx, "new-only", item{Seq: 5})
 

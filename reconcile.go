@@ -185,26 +185,28 @@ func (r *reconciler[T]) scanSide(ctx context.Context, sc *sideScanner, pos scanP
 // compare classifies a batch of keys found on side, and repairs them.
 // Keys found while scanning the old side are compared in full; keys found
 // on the new side only if the old side has nothing at all for them (the
-// others were compared while scanning the old side).
+// others were compared while scanning the old side), which an existence
+// check tells without reading values.
 func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) error {
+	if side == sideNew {
+		found, err := r.d.sides[sideOld].exists(ctx, keys)
+		if err != nil {
+			return fmt.Errorf("layercache: reconcile: read old side: %w", err)
+		}
+		var only []string
+		for i, k := range keys {
+			if !found[i] {
+				only = append(only, k)
+			}
+		}
+		if keys = only; len(keys) == 0 {
+			return nil
+		}
+	}
 	var recs [2][]record
 	var err error
 	if recs[sideOld], err = r.d.sides[sideOld].readMany(ctx, keys); err != nil {
 		return fmt.Errorf("layercache: reconcile: read old side: %w", err)
-	}
-	if side == sideNew {
-		var only []string
-		var olds []record
-		for i, k := range keys {
-			if !recs[sideOld][i].found {
-				only = append(only, k)
-				olds = append(olds, recs[sideOld][i])
-			}
-		}
-		keys, recs[sideOld] = only, olds
-		if len(keys) == 0 {
-			return nil
-		}
 	}
 	if recs[sideNew], err = r.d.sides[sideNew].readMany(ctx, keys); err != nil {
 		return fmt.Errorf("layercache: reconcile: read new side: %w", err)
@@ -212,19 +214,21 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 	now := r.c.nowMillis()
 	var fixes [2][]casOp
 	for i, k := range keys {
-		o, n := r.c.decodeEntry(recs[sideOld][i], now), r.c.decodeEntry(recs[sideNew][i], now)
+		if side == sideNew && recs[sideOld][i].found {
+			continue // written since the existence check: compared by now or next time
+		}
+		o, n := r.c.entryOf(recs[sideOld][i], now), r.c.entryOf(recs[sideNew][i], now)
 		r.rep.Scanned++
 		src := -1 // the side to copy from, or the side to delete on
 		del := false
-		switch {
-		case !o.ok && !n.ok:
+		switch r.c.sameEntry(&o, &n) {
+		case neither:
 			r.rep.Scanned-- // gone from both since the scan listed it
 			continue
-		case o.ok && n.ok:
-			if sameValue(o, n) {
-				r.rep.Matched++
-				continue
-			}
+		case matched:
+			r.rep.Matched++
+			continue
+		case mismatched:
 			r.rep.Mismatched++
 			src = r.auth
 			if o.version != 0 && n.version != 0 && o.version != n.version {
@@ -233,21 +237,20 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 					src = sideNew
 				}
 			}
-		case o.ok:
+		case onlyOld:
 			r.rep.OnlyOld++
 			src = sideOld
-		default:
+		case onlyNew:
 			r.rep.OnlyNew++
 			src, del = sideNew, r.auth != sideNew
 		}
 		if !r.opts.Repair {
 			continue
 		}
-		recsOf := func(s int) record { return recs[s][i] }
 		if del {
 			// Only the new side has it and the old side, which other
 			// code may write, is authoritative: delete, don't spread.
-			fixes[src] = append(fixes[src], casOp{key: k, expect: recsOf(src)})
+			fixes[src] = append(fixes[src], casOp{key: k, expect: recs[src][i]})
 			continue
 		}
 		from := o
@@ -259,7 +262,7 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 			continue
 		}
 		to := 1 - src
-		fixes[to] = append(fixes[to], casOp{key: k, expect: recsOf(to), env: recsOf(src).env, ttl: ttl})
+		fixes[to] = append(fixes[to], casOp{key: k, expect: recs[to][i], env: recs[src][i].env, ttl: ttl})
 	}
 	for side, ops := range fixes {
 		if len(ops) == 0 {
@@ -280,47 +283,89 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 	return nil
 }
 
-// decoded is one side's entry as the reconciler sees it.
-type decoded struct {
-	ok        bool // a usable entry that decodes as T
+// sideEntry is one side's entry as the reconciler sees it. Decoding the
+// payload as T, the costly part, is done only when needed.
+type sideEntry struct {
+	ok        bool // a usable envelope (decoding as T still to be checked)
 	negative  bool
 	payload   []byte
-	canonical []byte // the payload decoded as T and encoded again
 	version   uint64
 	expiresAt int64
+
+	decodedT  bool // canonical was computed
+	valid     bool // the payload decodes as T
+	canonical []byte
 }
 
-func (c *Cache[T]) decodeEntry(r record, now int64) decoded {
+func (c *Cache[T]) entryOf(r record, now int64) sideEntry {
 	if r.env == nil {
-		return decoded{}
+		return sideEntry{}
 	}
 	h, payload, err := envelope.Decode(r.env)
 	if err != nil || h.ExpiresAt <= now {
-		return decoded{}
+		return sideEntry{}
 	}
-	d := decoded{ok: true, negative: h.Negative(), payload: payload, version: h.WriteVersion, expiresAt: h.ExpiresAt}
-	if d.negative {
-		return d
-	}
-	var v T
-	if err := c.cfg.codec.Unmarshal(payload, &v); err != nil {
-		return decoded{}
-	}
-	if d.canonical, err = c.cfg.codec.Marshal(v); err != nil {
-		return decoded{}
-	}
-	return d
+	return sideEntry{ok: true, negative: h.Negative(), payload: payload, version: h.WriteVersion, expiresAt: h.ExpiresAt}
 }
 
-// sameValue compares decoded values: equal payloads are equal without
-// more ado; otherwise their re-encodings are compared, so that two
-// encodings of one value (legacy JSON with other spacing or field order)
-// match.
-func sameValue(a, b decoded) bool {
-	if a.negative || b.negative {
-		return a.negative == b.negative
+// usableAsT reports whether e would be served: a negative entry, or a
+// payload that decodes as T; it computes e's canonical encoding (decoded
+// as T and encoded again).
+func (c *Cache[T]) usableAsT(e *sideEntry) bool {
+	if !e.ok {
+		return false
 	}
-	return bytes.Equal(a.payload, b.payload) || bytes.Equal(a.canonical, b.canonical)
+	if e.negative {
+		return true
+	}
+	if !e.decodedT {
+		e.decodedT = true
+		var v T
+		if c.cfg.codec.Unmarshal(e.payload, &v) == nil {
+			if b, err := c.cfg.codec.Marshal(v); err == nil {
+				e.valid, e.canonical = true, b
+			}
+		}
+	}
+	return e.valid
+}
+
+type comparison uint8
+
+const (
+	neither comparison = iota
+	matched
+	mismatched
+	onlyOld
+	onlyNew
+)
+
+// sameEntry compares two sides' entries by value: byte-equal payloads
+// match without decoding; others are decoded as T and encoded again, so
+// that two encodings of one value (legacy JSON with other spacing or field
+// order) match. An entry that does not decode as T counts as absent, as it
+// does for reads.
+func (c *Cache[T]) sameEntry(o, n *sideEntry) comparison {
+	if o.ok && n.ok && o.negative == n.negative && bytes.Equal(o.payload, n.payload) {
+		return matched
+	}
+	ou, nu := c.usableAsT(o), c.usableAsT(n)
+	switch {
+	case !ou && !nu:
+		return neither
+	case !nu:
+		return onlyOld
+	case !ou:
+		return onlyNew
+	case o.negative || n.negative:
+		if o.negative == n.negative {
+			return matched
+		}
+		return mismatched
+	case bytes.Equal(o.canonical, n.canonical):
+		return matched
+	}
+	return mismatched
 }
 
 // ---- scanning one side ----
