@@ -384,11 +384,13 @@ func (d *dualStore) get(ctx context.Context, key string) ([]byte, error) {
 // read reads one side and counts it. hit is true for a usable envelope.
 func (d *dualStore) read(ctx context.Context, side int, key string, fallback bool) ([]byte, bool, error) {
 	s := &d.mig.sides[side]
+	b, err := d.sides[side].get(ctx, key)
+	// Counted when done, so that a snapshot never shows reads without
+	// their outcome.
 	s.reads.Add(1)
 	if fallback {
 		s.fallbacks.Add(1)
 	}
-	b, err := d.sides[side].get(ctx, key)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.errors.Add(1)

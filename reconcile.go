@@ -80,8 +80,7 @@ type ReconcileReport struct {
 // reconcile after entering DualWrite (to fill the new side before it is
 // read) and before any rollback that moves reads back to a side that was
 // not written meanwhile.
-func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (ReconcileReport, error) {
-	var rep ReconcileReport
+func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (rep ReconcileReport, err error) {
 	start := time.Now()
 	defer func() { rep.Duration = time.Since(start) }()
 	d := c.dual()

@@ -483,8 +483,8 @@ type PurgeReport struct {
 // cancelled ctx stops it between batches; the report says how far it got,
 // and running it again continues the work (what is deleted stays deleted).
 // [Raw] keys have no version and are never purged.
-func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeOptions) (PurgeReport, error) {
-	rep := PurgeReport{Version: version}
+func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeOptions) (rep PurgeReport, err error) {
+	rep.Version = version
 	start := time.Now()
 	defer func() { rep.Duration = time.Since(start) }()
 	if err := checkName("PurgeVersion", version); err != nil {
