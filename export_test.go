@@ -13,7 +13,7 @@ func WithSweepInterval(d time.Duration) Option { return func(c *config) { c.swee
 
 // ShardKeys returns the Redis keys of the hashes of a Hash layout.
 func ShardKeys(namespace, version string, shards int) []string {
-	return newHashStore(nil, newKeyspace(namespace, version), Hash(shards)).shards
+	return newHashStore(nil, newKeyspace(namespace, version), Hash(shards), nil).shards
 }
 
 // CRC16 is the Redis Cluster key hash, for checking shard placement.

@@ -288,9 +288,14 @@ local function bump(cur, p)
   end
   return string.char(b[1], b[2], b[3], b[4], b[5], b[6]) .. string.sub(p, 7, 8)
 end
-local function apply(cur, env, mode)
+local function expiresAt(s)
+  local n = 0
+  for i = 21, 28 do n = n * 256 + string.byte(s, i) end
+  return n
+end
+local function apply(cur, env, mode, now)
   local v = string.sub(env, 33, 40)
-  if isenv(cur) then
+  if isenv(cur) and not (now and expiresAt(cur) <= now) then
     if mode == 'c' then
       if cmpb(cur, 33, env, 33, 8) >= 0 then return nil, nil end
     else
@@ -302,11 +307,6 @@ local function apply(cur, env, mode)
     end
   end
   return env, v
-end
-local function expiresAt(s)
-  local n = 0
-  for i = 21, 28 do n = n * 256 + string.byte(s, i) end
-  return n
 end
 `
 
@@ -320,7 +320,7 @@ return v
 `)
 
 // kpeCASScript: KEYS[1]; ARGV expect-present ('1'/'0'), expected bytes,
-// new env (” deletes), ttl ms. Returns 1 when applied.
+// new env (empty: delete), ttl ms. Returns 1 when applied.
 var kpeCASScript = redis.NewScript(`
 local cur = redis.call('GET', KEYS[1])
 if ARGV[1] == '1' then
@@ -332,10 +332,12 @@ if ARGV[3] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 `)
 
-// hashWriteScript: KEYS[1] shard hash; ARGV field, env, ttl ms, mode. The
-// hash key lives as long as its longest-lived field.
+// hashWriteScript: KEYS[1] shard hash; ARGV field, env, ttl ms, mode, now
+// (the cache's clock, ms). A field past its expiry counts as absent: it is
+// only waiting for the sweep, and must not hold back a copy. The hash key
+// lives as long as its longest-lived field.
 var hashWriteScript = redis.NewScript(luaLib + `
-local env, v = apply(redis.call('HGET', KEYS[1], ARGV[1]), ARGV[2], ARGV[4])
+local env, v = apply(redis.call('HGET', KEYS[1], ARGV[1]), ARGV[2], ARGV[4], tonumber(ARGV[5]))
 if not env then return false end
 redis.call('HSET', KEYS[1], ARGV[1], env)
 local ttl = tonumber(ARGV[3])
@@ -344,7 +346,7 @@ return v
 `)
 
 // hashCASScript: KEYS[1] shard hash; ARGV field, expect-present, expected,
-// new env (” deletes), ttl ms.
+// new env (empty: delete), ttl ms.
 var hashCASScript = redis.NewScript(`
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
@@ -624,11 +626,12 @@ type hashStore struct {
 	client redis.UniversalClient
 	keys   keyspace
 	l      Layout
-	shards []string // hash keys, by shard index
+	now    func() int64 // the cache's clock, Unix ms
+	shards []string     // hash keys, by shard index
 }
 
-func newHashStore(client redis.UniversalClient, keys keyspace, l Layout) *hashStore {
-	s := &hashStore{client: client, keys: keys, l: l, shards: make([]string, l.shards)}
+func newHashStore(client redis.UniversalClient, keys keyspace, l Layout, now func() int64) *hashStore {
+	s := &hashStore{client: client, keys: keys, l: l, now: now, shards: make([]string, l.shards)}
 	base := keys.namespace + ":" + keys.version + ":h" + strconv.Itoa(l.shards) + ":{"
 	for i, tag := range shardTags(l.shards) {
 		s.shards[i] = base + tag + "}"
@@ -677,7 +680,7 @@ func (s *hashStore) set(ctx context.Context, key string, env []byte, ttl time.Du
 }
 
 func (s *hashStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
-	return scriptResult(hashWriteScript.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode)))
+	return scriptResult(hashWriteScript.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
 }
 
 func (s *hashStore) del(ctx context.Context, keys []string) error {
@@ -1065,7 +1068,7 @@ func (s *rawStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 func newLayoutStore(client redis.UniversalClient, keys keyspace, l Layout, now func() int64, ttl time.Duration) layoutStore {
 	switch l.kind {
 	case kindHash:
-		return newHashStore(client, keys, l)
+		return newHashStore(client, keys, l, now)
 	case kindRaw:
 		return &rawStore{client: client, l: l, now: now, ttl: ttl}
 	}

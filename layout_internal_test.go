@@ -93,3 +93,26 @@ func TestWriteModes(t *testing.T) {
 		}
 	})
 }
+
+// TestExpiredHashFieldDoesNotBlockCopies: a field past its expiry, waiting
+// for the sweep, counts as absent for a set-if-newer copy.
+func TestExpiredHashFieldDoesNotBlockCopies(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		clock := NewManualClock(time.Now())
+		now := func() int64 { return clock.Now().UnixMilli() }
+		s := newHashStore(tgt.NewClient(t), newKeyspace(redistest.Namespace(t), "v1"), Hash(2), now)
+		high := uint64(time.Now().Add(time.Hour).UnixMilli()) << 16
+		if _, _, err := s.write(ctx, "k", testEnv(high, "expired"), time.Minute, writeFresh); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok, _ := s.write(ctx, "k", testEnv(5<<16, "copy"), time.Minute, writeCopy); ok {
+			t.Fatal("a lower copy replaced a live field")
+		}
+		clock.Advance(2 * time.Minute)
+		env := envelope.Encode(envelope.Header{WrittenAt: now(), FreshUntil: now() + 60_000, ExpiresAt: now() + 60_000, WriteVersion: 5 << 16}, []byte("copy"))
+		if _, ok, err := s.write(ctx, "k", env, time.Minute, writeCopy); err != nil || !ok {
+			t.Fatalf("a copy over an expired field: written=%v, %v", ok, err)
+		}
+	})
+}
