@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -85,7 +86,9 @@ type upgradeOption struct {
 // as Old, converted by upgrade, written at the current version with the
 // same absolute expiry and write version (a newer write there wins), and
 // returned, without calling the loader. upgrade's T must be the cache's
-// value type, checked by [New].
+// value type, checked by [New]. Writes and deletes of a key also delete it
+// at the older versions (one more round trip per older version), so that
+// an upgrade never brings back a value older than a write or a delete.
 //
 // Several may be given (v1 -> v3, v2 -> v3); they are tried in the order
 // given, so list the most recent first: each one costs a Redis read per
@@ -146,8 +149,11 @@ type copier interface {
 
 // upgradingStore is the current version's store, plus upgrade on read: a
 // key absent (or past its physical end) at the current version is looked
-// up at older versions. Embedding the store passes every other method
-// (deletes, leases) through to the current version unchanged.
+// up at older versions. Writes and deletes also delete the key at the
+// older versions: otherwise, once the current entry expired or was
+// deleted, a read would upgrade the older value and bring back data older
+// than the write or delete. Embedding the store passes every other method
+// (leases) through to the current version unchanged.
 type upgradingStore struct {
 	store
 	olds  []oldVersion
@@ -198,6 +204,30 @@ func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
 		return env, nil
 	}
 	return b, nil
+}
+
+func (u *upgradingStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+	if err := u.store.set(ctx, key, env, ttl); err != nil {
+		return err
+	}
+	return u.dropOld(ctx, []string{key})
+}
+
+func (u *upgradingStore) del(ctx context.Context, keys []string) error {
+	err := u.store.del(ctx, keys)
+	return errors.Join(err, u.dropOld(ctx, keys))
+}
+
+// dropOld deletes keys at every older version, after the current version
+// was written: a reader in between finds the current entry.
+func (u *upgradingStore) dropOld(ctx context.Context, keys []string) error {
+	var errs []error
+	for _, o := range u.olds {
+		if err := o.st.del(ctx, keys); err != nil {
+			errs = append(errs, fmt.Errorf("delete at older version %s: %w", o.version, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // ---- validators ----

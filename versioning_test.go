@@ -115,6 +115,35 @@ func TestUpgradeOnRead(t *testing.T) {
 	}
 }
 
+// TestUpgradeNeverResurrects checks that a write or delete at the current
+// version removes the older version's value, which an upgrade could
+// otherwise bring back once the current entry is gone.
+func TestUpgradeNeverResurrects(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		client := tgt.NewClient(t)
+		ns := redistest.Namespace(t)
+		v1 := newCache[userV1](t, client, layercache.WithNamespace(ns))
+		_ = v1.Set(ctx, "written", userV1{ID: 1, Name: "before the write"})
+		_ = v1.Set(ctx, "deleted", userV1{ID: 2, Name: "before the delete"})
+		v3 := newCache[userV3](t, client, layercache.WithNamespace(ns), layercache.WithVersion("v3"),
+			layercache.WithUpgradeFrom("v1", upgradeV1))
+		if err := v3.Set(ctx, "written", userV3{ID: 1, First: "after"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := v3.Delete(ctx, "deleted"); err != nil {
+			t.Fatal(err)
+		}
+		// The current entry expires (or is evicted).
+		client.Del(ctx, layercache.RedisKey(ns, "v3", "written"))
+		for _, k := range []string{"written", "deleted"} {
+			if got, err := v3.Get(ctx, k); !errors.Is(err, layercache.ErrNotFound) {
+				t.Fatalf("%s: Get = %+v, %v; an old value came back", k, got, err)
+			}
+		}
+	})
+}
+
 func TestUpgradeFailureIsAMiss(t *testing.T) {
 	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
 		ctx := context.Background()
