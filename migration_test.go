@@ -548,6 +548,27 @@ func TestPhaseControl(t *testing.T) {
 		}
 		_ = layercache.SetPhase(ctx, client, name, layercache.PhaseNewOnly)
 		waitFor(t, func() bool { return c.Phase() == layercache.PhaseNewOnly })
+
+		// With the default polling (every 500ms, +-10%), a cache follows
+		// within a second: 550ms plus one GET. The bound checked is wider,
+		// for a loaded machine.
+		d := newCache[item](t, tgt.NewClient(t), layercache.WithNamespace(name),
+			layercache.WithMigration(name, layercache.KeyPerEntry(), layercache.Hash(2)))
+		if _, err := d.Get(ctx, "k"); !errors.Is(err, layercache.ErrNotFound) {
+			t.Fatal(err)
+		}
+		// The first change may meet the follower's first read, made at
+		// once; the second is seen by a regular poll.
+		_ = layercache.SetPhase(ctx, client, name, layercache.PhaseDualWrite)
+		waitFor(t, func() bool { return d.Phase() == layercache.PhaseDualWrite })
+		start := time.Now()
+		_ = layercache.SetPhase(ctx, client, name, layercache.PhaseReadOldFirst)
+		waitFor(t, func() bool { return d.Phase() == layercache.PhaseReadOldFirst })
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("followed a phase change after %v", took)
+		} else {
+			t.Logf("followed a phase change after %v", took)
+		}
 	})
 }
 
