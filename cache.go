@@ -262,8 +262,12 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 // before waiters are released, so a caller that got it from Fetch reads it
 // back with Get (read-your-writes within the process).
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
-	defer c.flights.finish(key, f)
+	// The flight leaves the group before its callers are released: a
+	// caller that returned must never find its own finished flight and
+	// join it again (with a clock moved on, it would get an expired
+	// result). The value is in Redis by then, so later callers hit.
 	defer close(f.done)
+	defer c.flights.finish(key, f)
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
 	defer cancel()
 	stop := context.AfterFunc(c.closeCtx, cancel)
