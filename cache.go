@@ -267,11 +267,14 @@ func (c *Cache[T]) decode(ctx context.Context, key string, raw []byte, now int64
 		e.state = stateNegative
 		return e
 	}
-	if err := c.cfg.codec.Unmarshal(payload, &e.val); err != nil {
+	// Only val goes to the codec: the codec is an interface, so what it
+	// gets a pointer to escapes to the heap, and the whole entry need not.
+	var val T
+	if err := c.cfg.codec.Unmarshal(payload, &val); err != nil {
 		c.decodeFailed(ctx, key, err)
 		return e
 	}
-	e.state = state
+	e.val, e.state = val, state
 	return e
 }
 
