@@ -774,3 +774,85 @@ func TestCloseStopsBackgroundWork(t *testing.T) {
 		_ = client.Del(ctx, leaseKey(ns, "held")).Err()
 	})
 }
+
+// TestLockWaitersOnManyKeys has one instance wait on 30 keys at once,
+// spread over every cluster node, behind another instance's leases: each
+// notice must reach its own waiter through the shared subscription (one
+// connection per node). The 30s leases rule out polling.
+func TestLockWaitersOnManyKeys(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		const n = 30
+		ctx := context.Background()
+		cs := instances(t, tgt, 2, redistest.Namespace(t), layercache.WithLocks(30*time.Second, 30*time.Second))
+		a, b := cs[0], cs[1]
+		release := make(chan struct{})
+		var holding sync.WaitGroup
+		for i := range n {
+			holding.Add(1)
+			go func() {
+				_, _ = a.Fetch(ctx, fmt.Sprint("key-", i), func(context.Context) (user, error) {
+					holding.Done()
+					<-release
+					return user{ID: i}, nil
+				})
+			}()
+		}
+		holding.Wait()
+		errs := make(chan error, n)
+		for i := range n {
+			go func() {
+				got, err := b.Fetch(ctx, fmt.Sprint("key-", i), func(context.Context) (user, error) {
+					return user{}, errors.New("the waiter loaded")
+				})
+				if err == nil && got.ID != i {
+					err = fmt.Errorf("key-%d: got %+v", i, got)
+				}
+				errs <- err
+			}()
+		}
+		waitFor(t, func() bool { return b.Stats().LeaseWaits == n })
+		t0 := time.Now()
+		close(release)
+		for range n {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		t.Logf("%s: %d waiters on %d keys woken within %v", tgt.Name, n, n, time.Since(t0))
+		if took := time.Since(t0); took > 3*time.Second {
+			t.Fatalf("waiters took %v after the fills", took)
+		}
+	})
+}
+
+// TestLockRing: a Ring has no shared subscription (it cannot move a
+// subscription between shards), so its waiters poll; they still get the
+// holder's value without loading.
+func TestLockRing(t *testing.T) {
+	tgt := redistest.Miniredis(t)
+	newRing := func() *redis.Ring {
+		r := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": tgt.Addrs[0]}})
+		t.Cleanup(func() { _ = r.Close() })
+		return r
+	}
+	ctx := context.Background()
+	ns := redistest.Namespace(t)
+	a := newCache[user](t, newRing(), layercache.WithNamespace(ns), layercache.WithLocks(30*time.Second, 30*time.Second))
+	b := newCache[user](t, newRing(), layercache.WithNamespace(ns), layercache.WithLocks(30*time.Second, 30*time.Second))
+	load, started, release := blockingLoader(user{ID: 8})
+	go func() { _, _ = a.Fetch(ctx, "r", load) }()
+	<-started
+	done := make(chan error, 1)
+	go func() {
+		got, err := b.Fetch(ctx, "r", func(context.Context) (user, error) { return user{}, errors.New("the waiter loaded") })
+		if err == nil && got.ID != 8 {
+			err = fmt.Errorf("got %+v", got)
+		}
+		done <- err
+	}()
+	waitFor(t, func() bool { return b.Stats().LeaseWaits == 1 })
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
