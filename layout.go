@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/layercache/layercache/internal/envelope"
+	"github.com/layercache/layercache/internal/scripts"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -204,9 +205,9 @@ type casOp struct {
 // layoutStore is a store made by a Layout. Beyond the read path's store,
 // it offers what dual writes, reconciliation and the sweep need.
 //
-// The lease work adds lease methods to store; every layoutStore keeps a
-// key's lease in its value's slot (leaseKey), so a script may check the
-// lease and write the value together.
+// Every layoutStore keeps a key's lease and notice channel in its value's
+// slot (see layout_lease.go), so a script may check the lease and write
+// the value together.
 type layoutStore interface {
 	store
 	layout() Layout
@@ -228,6 +229,13 @@ type layoutStore interface {
 	// take deletes key's value and returns the write version it held:
 	// the invalidation of the side a single-side phase does not write.
 	take(ctx context.Context, key string) (uint64, error)
+
+	// fillVersioned is fillLeased, also returning the version stored.
+	fillVersioned(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
+	// overwrite is setBreakingLease, returning the version stored.
+	overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error)
+	// breakLease drops key's lease, whoever holds it, with a notice.
+	breakLease(ctx context.Context, key string) error
 }
 
 // headerVersion returns the write version of an envelope header (at
@@ -257,214 +265,7 @@ func versionReply(b []byte, err error, stamp bool) (uint64, error) {
 	return headerVersion(b), nil
 }
 
-// ---- Lua ----
-
-// luaLib is prepended to every script of this file. Versions are compared
-// byte by byte: Lua numbers are doubles (a 64-bit version does not fit),
-// and string comparison follows the server's locale.
-const luaLib = `
-local function isenv(s)
-  return s and string.len(s) >= 40 and string.byte(s, 1) == 199 and string.byte(s, 2) == 1
-end
-local function cmpb(a, ai, b, bi, n)
-  for i = 0, n - 1 do
-    local x, y = string.byte(a, ai + i), string.byte(b, bi + i)
-    if x ~= y then
-      if x < y then return -1 end
-      return 1
-    end
-  end
-  return 0
-end
-local function bump(cur, p)
-  if cmpb(cur, 1, p, 1, 6) < 0 then return p end
-  local b = {string.byte(cur, 1, 6)}
-  for i = 6, 1, -1 do
-    if b[i] < 255 then
-      b[i] = b[i] + 1
-      break
-    end
-    b[i] = 0
-  end
-  return string.char(b[1], b[2], b[3], b[4], b[5], b[6]) .. string.sub(p, 7, 8)
-end
-local function expiresAt(s)
-  local n = 0
-  for i = 21, 28 do n = n * 256 + string.byte(s, i) end
-  return n
-end
-local function apply(cur, env, mode, now)
-  local v = string.sub(env, 33, 40)
-  if isenv(cur) and not (now and expiresAt(cur) <= now) then
-    if mode == 'c' then
-      if cmpb(cur, 33, env, 33, 8) >= 0 then return nil, nil end
-    else
-      local nv = bump(string.sub(cur, 33, 40), v)
-      if nv ~= v then
-        v = nv
-        env = string.sub(env, 1, 32) .. v .. string.sub(env, 41)
-      end
-    end
-  end
-  return env, v
-end
-`
-
-// kpeWriteScript: KEYS[1] value key; ARGV env, ttl ms, mode ('f' fresh,
-// 'c' copy). Returns the stored version (8 bytes) or nil.
-var kpeWriteScript = redis.NewScript(luaLib + `
-local env, v = apply(redis.call('GET', KEYS[1]), ARGV[1], ARGV[3])
-if not env then return false end
-redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
-return v
-`)
-
-// kpeCASScript: KEYS[1]; ARGV expect-present ('1'/'0'), expected bytes,
-// new env (empty: delete), ttl ms. Returns 1 when applied.
-var kpeCASScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == '1' then
-  if cur ~= ARGV[2] then return 0 end
-elseif cur then
-  return 0
-end
-if ARGV[3] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
-return 1
-`)
-
-// hashWriteScript: KEYS[1] shard hash; ARGV field, env, ttl ms, mode, now
-// (the cache's clock, ms). A field past its expiry counts as absent: it is
-// only waiting for the sweep, and must not hold back a copy. The hash key
-// lives as long as its longest-lived field.
-var hashWriteScript = redis.NewScript(luaLib + `
-local env, v = apply(redis.call('HGET', KEYS[1], ARGV[1]), ARGV[2], ARGV[4], tonumber(ARGV[5]))
-if not env then return false end
-redis.call('HSET', KEYS[1], ARGV[1], env)
-local ttl = tonumber(ARGV[3])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return v
-`)
-
-// hashCASScript: KEYS[1] shard hash; ARGV field, expect-present, expected,
-// new env (empty: delete), ttl ms.
-var hashCASScript = redis.NewScript(`
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if ARGV[2] == '1' then
-  if cur ~= ARGV[3] then return 0 end
-elseif cur then
-  return 0
-end
-if ARGV[4] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  return 1
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
-local ttl = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1
-`)
-
-// hashSweepScript: KEYS[1] shard hash; ARGV now ms, fields... Deletes the
-// fields that are still expired (or not envelopes) when it runs, so a field
-// rewritten since the HSCAN that listed it survives.
-var hashSweepScript = redis.NewScript(luaLib + `
-local now = tonumber(ARGV[1])
-local n = 0
-for i = 2, #ARGV do
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v and ((not isenv(v)) or expiresAt(v) <= now) then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    n = n + 1
-  end
-end
-return n
-`)
-
-// sweepClaimScript: KEYS[1] claim key; ARGV now ms, interval ms. One
-// instance sweeps a shard per interval. Times are the cache's clock, not
-// the server's, so the claim works under a test's manual clock too.
-var sweepClaimScript = redis.NewScript(`
-local t = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-local now = tonumber(ARGV[1])
-if t > now then return 0 end
-redis.call('SET', KEYS[1], tostring(now + tonumber(ARGV[2])), 'PX', tonumber(ARGV[2]) * 2)
-return 1
-`)
-
-// rawWriteScript: KEYS[1] raw key, KEYS[2] its version stamp; ARGV payload,
-// proposed version (8 bytes), ttl ms, mode, negative ('1'/'0'). The stamp
-// is the version followed by the SHA-1 (hex) of the payload it describes,
-// or by "-" for a cached "not found" (raw key absent). A stamp that does
-// not describe what the raw key holds (other code overwrote or deleted it)
-// is ignored: that value's version is unknown, older than any.
-var rawWriteScript = redis.NewScript(luaLib + `
-local cur = redis.call('GET', KEYS[1])
-local st = redis.call('GET', KEYS[2])
-local v = ARGV[2]
-if st and string.len(st) > 8 then
-  local tail = string.sub(st, 9)
-  if (tail == '-' and not cur) or (cur and tail == redis.sha1hex(cur)) then
-    local curv = string.sub(st, 1, 8)
-    if ARGV[4] == 'c' then
-      if cmpb(curv, 1, v, 1, 8) >= 0 then return false end
-    else
-      v = bump(curv, v)
-    end
-  end
-end
-if ARGV[5] == '1' then
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], v .. '-', 'PX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  redis.call('SET', KEYS[2], v .. redis.sha1hex(ARGV[1]), 'PX', ARGV[3])
-end
-return v
-`)
-
-// rawCASScript: KEYS raw, stamp; ARGV expect-present, expected payload, op
-// ('s' set, 'n' negative, 'd' delete), payload, version, ttl ms.
-var rawCASScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == '1' then
-  if cur ~= ARGV[2] then return 0 end
-elseif cur then
-  return 0
-end
-if ARGV[3] == 'd' then
-  redis.call('DEL', KEYS[1], KEYS[2])
-elseif ARGV[3] == 'n' then
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], ARGV[5] .. '-', 'PX', ARGV[6])
-else
-  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[6])
-  redis.call('SET', KEYS[2], ARGV[5] .. redis.sha1hex(ARGV[4]), 'PX', ARGV[6])
-end
-return 1
-`)
-
-// kpeTakeScript: KEYS[1] value key. Deletes it, returns its first 40
-// bytes (the header, if it is an envelope).
-var kpeTakeScript = redis.NewScript(`
-local h = redis.call('GETRANGE', KEYS[1], 0, 39)
-redis.call('DEL', KEYS[1])
-return h
-`)
-
-// hashTakeScript: KEYS[1] shard hash; ARGV[1] field.
-var hashTakeScript = redis.NewScript(`
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then return false end
-redis.call('HDEL', KEYS[1], ARGV[1])
-return string.sub(v, 1, 40)
-`)
-
-// rawTakeScript: KEYS raw key, stamp. Returns the stamp.
-var rawTakeScript = redis.NewScript(`
-local st = redis.call('GET', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2])
-return st or false
-`)
+// ---- script results ----
 
 // scriptResult turns a write script's reply into (version, written).
 func scriptResult(cmd *redis.Cmd) (uint64, bool, error) {
@@ -528,7 +329,7 @@ func ttlMillis(ttl time.Duration) int64 { return physicalTTL(ttl).Milliseconds()
 func (s *keyPerEntryStore) layout() Layout { return KeyPerEntry() }
 
 func (s *keyPerEntryStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
-	return scriptResult(kpeWriteScript.Run(ctx, s.client, []string{s.keys.entry(key)}, env, ttlMillis(ttl), modeArg(mode)))
+	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key)}, env, ttlMillis(ttl), modeArg(mode)))
 }
 
 func (s *keyPerEntryStore) readMany(ctx context.Context, keys []string) ([]record, error) {
@@ -581,7 +382,7 @@ func (s *keyPerEntryStore) casMany(ctx context.Context, ops []casOp) ([]bool, er
 		calls[i] = scriptCall{keys: []string{s.keys.entry(op.key)},
 			args: []any{boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(op.ttl)}}
 	}
-	return casResults(evalMany(ctx, s.client, kpeCASScript, calls))
+	return casResults(evalMany(ctx, s.client, scripts.KVCAS, calls))
 }
 
 func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, error) {
@@ -590,7 +391,7 @@ func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, err
 }
 
 func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := kpeTakeScript.Run(ctx, s.client, []string{s.keys.entry(key)}).Text()
+	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key)}).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -680,7 +481,7 @@ func (s *hashStore) set(ctx context.Context, key string, env []byte, ttl time.Du
 }
 
 func (s *hashStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
-	return scriptResult(hashWriteScript.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
+	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
 }
 
 func (s *hashStore) del(ctx context.Context, keys []string) error {
@@ -741,7 +542,7 @@ func (s *hashStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 		calls[i] = scriptCall{keys: []string{s.shardOf(op.key)},
 			args: []any{op.key, boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(op.ttl)}}
 	}
-	return casResults(evalMany(ctx, s.client, hashCASScript, calls))
+	return casResults(evalMany(ctx, s.client, scripts.HashCAS, calls))
 }
 
 func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
@@ -750,7 +551,7 @@ func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
 }
 
 func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := hashTakeScript.Run(ctx, s.client, []string{s.shardOf(key)}, key).Text()
+	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key)}, key).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -766,7 +567,7 @@ const sweepBatch = 256
 func (s *hashStore) sweep(ctx context.Context, now int64, every time.Duration) (int, error) {
 	total := 0
 	for _, shard := range s.shards {
-		won, err := sweepClaimScript.Run(ctx, s.client, []string{shard + ":sweep"}, now, every.Milliseconds()).Int()
+		won, err := scripts.SweepClaim.Run(ctx, s.client, []string{shard + ":sweep"}, now, every.Milliseconds()).Int()
 		if err != nil {
 			return total, err
 		}
@@ -787,7 +588,7 @@ func (s *hashStore) sweep(ctx context.Context, now int64, every time.Duration) (
 				}
 			}
 			if len(args) > 1 {
-				n, err := hashSweepScript.Run(ctx, s.client, []string{shard}, args...).Int()
+				n, err := scripts.HashSweep.Run(ctx, s.client, []string{shard}, args...).Int()
 				if err != nil {
 					return total, err
 				}
@@ -876,7 +677,7 @@ func (s *rawStore) take(ctx context.Context, key string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	b, err := rawTakeScript.Run(ctx, s.client, []string{raw, stamp}).Text()
+	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp}).Text()
 	return versionReply([]byte(b), err, true)
 }
 
@@ -899,48 +700,60 @@ func (s *rawStore) queueRead(ctx context.Context, p redis.Pipeliner, key string)
 	return rawReads{val: p.Get(ctx, raw), valTTL: p.PTTL(ctx, raw), stamp: p.Get(ctx, stamp), stampTTL: p.PTTL(ctx, stamp)}
 }
 
-// decode turns the replies of one raw read into a record. The four
-// commands are not atomic; a write landing between them can pair a value
-// with another write's TTL or stamp. The stamp is checked against the
-// payload's hash, and a mismatched TTL only shifts an expiry by the length
-// of a race, so nothing worse than a slightly early or late expiry or an
-// unversioned (older than any) value can come of it.
-func (s *rawStore) decode(r rawReads) record {
-	if r.err != nil {
-		return record{}
+// rawParts is what one raw read found: the value and its TTL, the stamp
+// and its TTL. A TTL is -2 for an absent key, -1 for a key without one.
+type rawParts struct {
+	payload, stamp []byte // nil when absent
+	pttl, stampTTL time.Duration
+}
+
+func (r rawReads) parts() rawParts {
+	var p rawParts
+	if b, err := r.val.Bytes(); err == nil {
+		p.payload = b
 	}
+	if b, err := r.stamp.Bytes(); err == nil {
+		p.stamp = b
+	}
+	p.pttl, p.stampTTL = r.valTTL.Val(), r.stampTTL.Val()
+	return p
+}
+
+// decode turns the replies of one raw read into a record. The four
+// commands of a pipelined read are not atomic; a write landing between
+// them can pair a value with another write's TTL or stamp. The stamp is
+// checked against the payload's hash, and a mismatched TTL only shifts an
+// expiry by the length of a race, so nothing worse than a slightly early
+// or late expiry or an unversioned (older than any) value can come of it.
+func (s *rawStore) decode(r rawParts) record {
 	now := s.now()
-	payload, err := r.val.Bytes()
-	if err != nil {
+	if r.payload == nil {
 		// Absent: a tombstone stamp is a cached "not found".
-		st, err := r.stamp.Bytes()
-		pttl := r.stampTTL.Val()
-		if err != nil || len(st) != 9 || st[8] != '-' || pttl <= 0 {
+		if len(r.stamp) != 9 || r.stamp[8] != '-' || r.stampTTL <= 0 {
 			return record{}
 		}
-		exp := now + pttl.Milliseconds()
+		exp := now + r.stampTTL.Milliseconds()
 		h := envelope.Header{Flags: envelope.FlagNegative, WrittenAt: now, FreshUntil: exp, ExpiresAt: exp,
-			WriteVersion: binary.BigEndian.Uint64(st[:8])}
+			WriteVersion: binary.BigEndian.Uint64(r.stamp[:8])}
 		return record{env: envelope.Encode(h, nil)}
 	}
-	pttl := r.valTTL.Val()
 	var exp int64
 	switch {
-	case pttl > 0:
-		exp = now + pttl.Milliseconds()
-	case pttl == -1: // no TTL: written without one by other code
+	case r.pttl > 0:
+		exp = now + r.pttl.Milliseconds()
+	case r.pttl == -1: // no TTL: written without one by other code
 		exp = now + s.ttl.Milliseconds()
 	default: // gone since the GET
-		return record{native: payload, found: true}
+		return record{native: r.payload, found: true}
 	}
 	h := envelope.Header{WrittenAt: now, FreshUntil: exp, ExpiresAt: exp}
-	if st, err := r.stamp.Bytes(); err == nil && len(st) == 8+40 {
-		sum := sha1.Sum(payload)
-		if hex.EncodeToString(sum[:]) == string(st[8:]) {
-			h.WriteVersion = binary.BigEndian.Uint64(st[:8])
+	if len(r.stamp) == 8+40 {
+		sum := sha1.Sum(r.payload)
+		if hex.EncodeToString(sum[:]) == string(r.stamp[8:]) {
+			h.WriteVersion = binary.BigEndian.Uint64(r.stamp[:8])
 		}
 	}
-	return record{env: envelope.Encode(h, payload), native: payload, found: true}
+	return record{env: envelope.Encode(h, r.payload), native: r.payload, found: true}
 }
 
 func (s *rawStore) get(ctx context.Context, key string) ([]byte, error) {
@@ -955,7 +768,7 @@ func (s *rawStore) get(ctx context.Context, key string) ([]byte, error) {
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return nil, err
 	}
-	return s.decode(r).env, nil
+	return s.decode(r.parts()).env, nil
 }
 
 func (s *rawStore) readMany(ctx context.Context, keys []string) ([]record, error) {
@@ -971,7 +784,9 @@ func (s *rawStore) readMany(ctx context.Context, keys []string) ([]record, error
 	}
 	out := make([]record, len(keys))
 	for i, r := range reads {
-		out[i] = s.decode(r)
+		if r.err == nil {
+			out[i] = s.decode(r.parts())
+		}
 	}
 	return out, nil
 }
@@ -1003,7 +818,7 @@ func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.D
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-	return scriptResult(rawWriteScript.Run(ctx, s.client, []string{raw, stamp},
+	return scriptResult(scripts.RawWrite.Run(ctx, s.client, []string{raw, stamp},
 		payload, v[:], ttlMillis(rawTTL(h, ttl)), modeArg(mode), boolArg(h.Negative())))
 }
 
@@ -1054,7 +869,7 @@ func (s *rawStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 			args: []any{boolArg(op.expect.found), op.expect.native, code, payload, v[:], ttlMillis(ttl)}})
 		idx = append(idx, i)
 	}
-	got, err := casResults(evalMany(ctx, s.client, rawCASScript, calls))
+	got, err := casResults(evalMany(ctx, s.client, scripts.RawCAS, calls))
 	out := make([]bool, len(ops))
 	for j, i := range idx {
 		out[i] = got[j]

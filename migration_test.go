@@ -18,9 +18,9 @@ import (
 	"go.uber.org/goleak"
 )
 
-// item is the value of the migration tests: Seq grows with every write of
+// migItem is the value of the migration tests: Seq grows with every write of
 // its key, so a read can tell whether it missed an acknowledged write.
-type item struct {
+type migItem struct {
 	Key string `json:"key"`
 	Seq int64  `json:"seq"`
 }
@@ -33,14 +33,14 @@ type fleet struct {
 	ns, name string
 	from, to layercache.Layout
 	admin    redis.UniversalClient
-	caches   []*layercache.Cache[item]
+	caches   []*layercache.Cache[migItem]
 }
 
 func newFleet(t *testing.T, tgt *redistest.Target, ns string, from, to layercache.Layout, n int) *fleet {
 	f := &fleet{t: t, tgt: tgt, ns: ns, from: from, to: to, admin: tgt.NewClient(t)}
 	f.name = f.ns + "-mig"
 	for range n {
-		f.caches = append(f.caches, newCache[item](t, tgt.NewClient(t), f.options()...))
+		f.caches = append(f.caches, newCache[migItem](t, tgt.NewClient(t), f.options()...))
 	}
 	return f
 }
@@ -72,8 +72,8 @@ func (f *fleet) setPhase(p layercache.Phase) {
 
 // side returns a cache that reads one side only, as code that knows
 // nothing of the migration would.
-func (f *fleet) side(l layercache.Layout) *layercache.Cache[item] {
-	return newCache[item](f.t, f.admin, layercache.WithNamespace(f.ns), layercache.WithTTL(time.Hour), layercache.WithLayout(l))
+func (f *fleet) side(l layercache.Layout) *layercache.Cache[migItem] {
+	return newCache[migItem](f.t, f.admin, layercache.WithNamespace(f.ns), layercache.WithTTL(time.Hour), layercache.WithLayout(l))
 }
 
 // workload drives writers and readers over a fixed set of keys. Each key
@@ -148,7 +148,7 @@ func (w *workload) start() {
 				}
 				w.locks[i].Lock()
 				seq := w.db[i].Add(1)
-				err := c.Set(ctx, w.keys[i], item{Key: w.keys[i], Seq: seq})
+				err := c.Set(ctx, w.keys[i], migItem{Key: w.keys[i], Seq: seq})
 				if err == nil {
 					w.acked[i].Store(seq)
 				}
@@ -192,9 +192,9 @@ func (w *workload) start() {
 				i := r.IntN(len(w.keys))
 				w.locks[i].RLock()
 				want := w.acked[i].Load()
-				got, err := c.Fetch(ctx, w.keys[i], func(context.Context) (item, error) {
+				got, err := c.Fetch(ctx, w.keys[i], func(context.Context) (migItem, error) {
 					w.loads.Add(1)
-					return item{Key: w.keys[i], Seq: w.db[i].Load()}, nil
+					return migItem{Key: w.keys[i], Seq: w.db[i].Load()}, nil
 				})
 				w.locks[i].RUnlock()
 				switch {
@@ -215,14 +215,14 @@ func (w *workload) cold(i int) bool { return i%4 == 3 }
 
 // writeCold writes every cold key once through c (the workload must be
 // paused).
-func (w *workload) writeCold(c *layercache.Cache[item]) {
+func (w *workload) writeCold(c *layercache.Cache[migItem]) {
 	w.f.t.Helper()
 	for i, k := range w.keys {
 		if !w.cold(i) {
 			continue
 		}
 		seq := w.db[i].Add(1)
-		if err := c.Set(context.Background(), k, item{Key: k, Seq: seq}); err != nil {
+		if err := c.Set(context.Background(), k, migItem{Key: k, Seq: seq}); err != nil {
 			w.f.t.Fatal(err)
 		}
 		w.acked[i].Store(seq)
@@ -245,7 +245,7 @@ func (w *workload) pause() {
 
 // verify reads every key through c and checks it holds the acknowledged
 // value; the workload must be paused.
-func (w *workload) verify(what string, c *layercache.Cache[item]) {
+func (w *workload) verify(what string, c *layercache.Cache[migItem]) {
 	w.f.t.Helper()
 	for i, k := range w.keys {
 		got, err := c.Get(context.Background(), k)
@@ -329,17 +329,17 @@ func testMigrationPhases(t *testing.T, tgt *redistest.Target, ns string, from, t
 	oldSide := f.side(from)
 	for _, k := range w.keys {
 		if legacy {
-			b, _ := json.Marshal(item{Key: k})
+			b, _ := json.Marshal(migItem{Key: k})
 			if err := f.admin.Set(ctx, rawKey(k), b, time.Hour).Err(); err != nil {
 				t.Fatal(err)
 			}
-		} else if err := oldSide.Set(ctx, k, item{Key: k}); err != nil {
+		} else if err := oldSide.Set(ctx, k, migItem{Key: k}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// Phase Old: legacy values are hits, without a load.
 	for _, k := range w.keys {
-		if _, err := f.caches[0].Fetch(ctx, k, noLoad[item](t)); err != nil {
+		if _, err := f.caches[0].Fetch(ctx, k, noLoad[migItem](t)); err != nil {
 			t.Fatalf("phase old, key %s written by old code: %v", k, err)
 		}
 	}
@@ -374,7 +374,7 @@ func testMigrationPhases(t *testing.T, tgt *redistest.Target, ns string, from, t
 	w.verify("after rollback to read-old-first, the old side alone", oldSide)
 	if legacy {
 		for i, k := range w.keys {
-			var got item
+			var got migItem
 			b, err := f.admin.Get(ctx, rawKey(k)).Bytes()
 			if err == nil {
 				err = json.Unmarshal(b, &got)
@@ -436,12 +436,12 @@ func TestReconcileResumeAndProgress(t *testing.T) {
 			k := fmt.Sprint(i)
 			switch i % 3 {
 			case 0: // both, equal
-				_ = oldSide.Set(ctx, k, item{Key: k, Seq: 1})
-				_ = newSide.Set(ctx, k, item{Key: k, Seq: 1})
+				_ = oldSide.Set(ctx, k, migItem{Key: k, Seq: 1})
+				_ = newSide.Set(ctx, k, migItem{Key: k, Seq: 1})
 			case 1: // old only
-				_ = oldSide.Set(ctx, k, item{Key: k, Seq: 1})
+				_ = oldSide.Set(ctx, k, migItem{Key: k, Seq: 1})
 			case 2: // both, different: the new side is written later (below)
-				_ = oldSide.Set(ctx, k, item{Key: k, Seq: 1})
+				_ = oldSide.Set(ctx, k, migItem{Key: k, Seq: 1})
 			}
 		}
 		// Write versions order writes of different instances by their
@@ -451,9 +451,9 @@ func TestReconcileResumeAndProgress(t *testing.T) {
 		}
 		for i := 2; i < n; i += 3 {
 			k := fmt.Sprint(i)
-			_ = newSide.Set(ctx, k, item{Key: k, Seq: 2})
+			_ = newSide.Set(ctx, k, migItem{Key: k, Seq: 2})
 		}
-		_ = newSide.Set(ctx, "new-only", item{Seq: 5})
+		_ = newSide.Set(ctx, "new-only", migItem{Seq: 5})
 
 		// Stop after a few batches, then resume from the cursor.
 		var calls int
@@ -538,7 +538,7 @@ func TestPhaseControl(t *testing.T) {
 		}
 		// A cache follows changes.
 		_ = layercache.SetPhase(ctx, client, name, layercache.PhaseReadOldFirst)
-		c := newCache[item](t, tgt.NewClient(t), layercache.WithNamespace(name),
+		c := newCache[migItem](t, tgt.NewClient(t), layercache.WithNamespace(name),
 			layercache.WithMigration(name, layercache.KeyPerEntry(), layercache.Hash(2)), layercache.WithPhasePollInterval(20*time.Millisecond))
 		if _, err := c.Get(ctx, "k"); !errors.Is(err, layercache.ErrNotFound) {
 			t.Fatal(err)
@@ -552,7 +552,7 @@ func TestPhaseControl(t *testing.T) {
 		// With the default polling (every 500ms, +-10%), a cache follows
 		// within a second: 550ms plus one GET. The bound checked is wider,
 		// for a loaded machine.
-		d := newCache[item](t, tgt.NewClient(t), layercache.WithNamespace(name),
+		d := newCache[migItem](t, tgt.NewClient(t), layercache.WithNamespace(name),
 			layercache.WithMigration(name, layercache.KeyPerEntry(), layercache.Hash(2)))
 		if _, err := d.Get(ctx, "k"); !errors.Is(err, layercache.ErrNotFound) {
 			t.Fatal(err)
@@ -578,13 +578,13 @@ func TestMigrationFollowerStopsOnClose(t *testing.T) {
 	tgt := redistest.Miniredis(t)
 	client := tgt.NewClient(t)
 	defer goleak.VerifyNone(t, leakOptions()...)
-	c, err := layercache.New[item](client, layercache.WithLogger(quiet),
+	c, err := layercache.New[migItem](client, layercache.WithLogger(quiet),
 		layercache.WithMigration("m", layercache.Hash(2), layercache.Hash(4)), layercache.WithSweepInterval(time.Millisecond),
 		layercache.WithPhasePollInterval(time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = c.Set(context.Background(), "k", item{})
+	_ = c.Set(context.Background(), "k", migItem{})
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
