@@ -232,3 +232,43 @@ func TestNotifyRereadsThePhase(t *testing.T) {
 		t.Fatalf("phase changes = %d", c.Stats().Migration.PhaseChanges)
 	}
 }
+
+// TestSetAcrossThePhaseSwitchBreaksBothLeases plays a read-old-first
+// instance that holds the lease on the old side while a read-new-first
+// instance sets the key: the holder's fill must not land on either side.
+func TestSetAcrossThePhaseSwitchBreaksBothLeases(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		client := tgt.NewClient(t)
+		ns := redistest.Namespace(t)
+		keys := newKeyspace(ns, "v1")
+		now := func() int64 { return time.Now().UnixMilli() }
+		mk := func(p Phase) *dualStore {
+			m := newMigration(ns, client, time.Hour, nil)
+			m.phase.Store(int32(p))
+			m.known.Store(true)
+			return &dualStore{mig: m, now: now, sides: [2]layoutStore{
+				newLayoutStore(client, keys, Raw(ns+":p:%s"), now, time.Minute),
+				newLayoutStore(client, keys, Hash(3), now, time.Minute),
+			}}
+		}
+		lagging, ahead := mk(PhaseReadOldFirst), mk(PhaseReadNewFirst)
+		att, err := lagging.acquireLease(ctx, "k", "token", time.Minute, false)
+		if err != nil || !att.acquired {
+			t.Fatalf("acquire: %+v, %v", att, err)
+		}
+		p := uint64(time.Now().UnixMilli()) << 16
+		if err := ahead.setBreakingLease(ctx, "k", testEnv(p|2, "set"), time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		ok, err := lagging.fillLeased(ctx, "k", "token", testEnv(p|1, "stale fill"), time.Minute)
+		if err != nil || ok {
+			t.Fatalf("the fill of a broken lease: %v, %v", ok, err)
+		}
+		for side := range ahead.sides {
+			if got := payloadOf(t, ahead.sides[side], "k"); got != "set" {
+				t.Fatalf("%s side holds %q, want the Set's value", sideName(side), got)
+			}
+		}
+	})
+}
