@@ -213,6 +213,14 @@ func (u *upgradingStore) set(ctx context.Context, key string, env []byte, ttl ti
 	return u.dropOld(ctx, []string{key})
 }
 
+// setBreakingLease is set when leases are in use.
+func (u *upgradingStore) setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+	if err := u.store.setBreakingLease(ctx, key, env, ttl); err != nil {
+		return err
+	}
+	return u.dropOld(ctx, []string{key})
+}
+
 func (u *upgradingStore) del(ctx context.Context, keys []string) error {
 	err := u.store.del(ctx, keys)
 	return errors.Join(err, u.dropOld(ctx, keys))

@@ -119,6 +119,15 @@ func TestUpgradeOnRead(t *testing.T) {
 // version removes the older version's value, which an upgrade could
 // otherwise bring back once the current entry is gone.
 func TestUpgradeNeverResurrects(t *testing.T) {
+	for name, extra := range map[string][]layercache.Option{
+		"plain":      nil,
+		"with locks": {layercache.WithLocks(time.Second, time.Second)},
+	} {
+		t.Run(name, func(t *testing.T) { testUpgradeNeverResurrects(t, extra) })
+	}
+}
+
+func testUpgradeNeverResurrects(t *testing.T, extra []layercache.Option) {
 	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
 		ctx := context.Background()
 		client := tgt.NewClient(t)
@@ -126,8 +135,8 @@ func TestUpgradeNeverResurrects(t *testing.T) {
 		v1 := newCache[userV1](t, client, layercache.WithNamespace(ns))
 		_ = v1.Set(ctx, "written", userV1{ID: 1, Name: "before the write"})
 		_ = v1.Set(ctx, "deleted", userV1{ID: 2, Name: "before the delete"})
-		v3 := newCache[userV3](t, client, layercache.WithNamespace(ns), layercache.WithVersion("v3"),
-			layercache.WithUpgradeFrom("v1", upgradeV1))
+		v3 := newCache[userV3](t, client, append([]layercache.Option{layercache.WithNamespace(ns), layercache.WithVersion("v3"),
+			layercache.WithUpgradeFrom("v1", upgradeV1)}, extra...)...)
 		if err := v3.Set(ctx, "written", userV3{ID: 1, First: "after"}); err != nil {
 			t.Fatal(err)
 		}
