@@ -341,11 +341,6 @@ func authority(p Phase) int {
 	return sideOld
 }
 
-// leaseStore returns the side whose lease guards fills in phase p: the
-// authoritative one, so that every instance in one phase uses the same
-// lease key. (For the lease work; no lease is taken yet.)
-func (d *dualStore) leaseStore(p Phase) layoutStore { return d.sides[authority(p)] }
-
 func (d *dualStore) get(ctx context.Context, key string) ([]byte, error) {
 	p, err := d.mig.current(ctx)
 	if err != nil {

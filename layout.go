@@ -221,8 +221,6 @@ type layoutStore interface {
 	exists(ctx context.Context, keys []string) ([]bool, error)
 	// casMany applies compare-and-set repairs, reporting which applied.
 	casMany(ctx context.Context, ops []casOp) ([]bool, error)
-	// leaseKey is the Redis key of key's lease, in the value's slot.
-	leaseKey(key string) (string, error)
 	// version returns the write version key holds (0 if none). It may
 	// overstate it (a stale Raw stamp), never understate it.
 	version(ctx context.Context, key string) (uint64, error)
@@ -395,8 +393,6 @@ func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error)
 	return versionReply([]byte(b), err, false)
 }
 
-func (s *keyPerEntryStore) leaseKey(key string) (string, error) { return s.keys.lease(key), nil }
-
 func casResults(cmds []*redis.Cmd, err error) ([]bool, error) {
 	out := make([]bool, len(cmds))
 	for i, c := range cmds {
@@ -555,10 +551,6 @@ func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
 	return versionReply([]byte(b), err, false)
 }
 
-func (s *hashStore) leaseKey(key string) (string, error) {
-	return s.shardOf(key) + ":lease:" + key, nil
-}
-
 // sweepBatch is how many fields one HSCAN step looks at.
 const sweepBatch = 256
 
@@ -679,10 +671,6 @@ func (s *rawStore) take(ctx context.Context, key string) (uint64, error) {
 	}
 	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp}).Text()
 	return versionReply([]byte(b), err, true)
-}
-
-func (s *rawStore) leaseKey(key string) (string, error) {
-	return companion(s.rawKey(key), rawLeaseSuffix)
 }
 
 // rawReads are the commands of one raw read: value, TTL, stamp, stamp TTL.
