@@ -31,6 +31,13 @@ type Cache[T any] struct {
 	flights flightGroup[T]
 	stats   counters
 
+	// local is the in-process tier (WithLocal) and bus the invalidation
+	// bus (WithInvalidation); either may be nil. route names this cache on
+	// the bus.
+	local *localTier[T]
+	bus   *Bus
+	route string
+
 	// Throttled logs of events that, when they happen, happen to every
 	// request: a Redis outage, a keyspace full of undecodable values.
 	logReadFailed, logWriteFailed, logDecodeFailed throttledLog
@@ -74,6 +81,9 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 	c.log = cfg.logger.With("cache", cfg.namespace+":"+cfg.version)
 	c.store = &keyPerEntryStore{client: client, keys: c.keys}
 	c.closeCtx, c.closeFn = context.WithCancel(context.Background())
+	if err := c.initTiers(); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -110,6 +120,14 @@ func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.
 	if err := checkKey(key); err != nil {
 		return zero, err
 	}
+	if c.local != nil {
+		if le := c.local.get(key); le != nil {
+			if le.state == stateNegative {
+				return zero, ErrNotFound
+			}
+			return le.val, nil
+		}
+	}
 	e, err := c.read(ctx, key)
 	if err != nil && ctx.Err() != nil {
 		return zero, ctx.Err()
@@ -132,6 +150,14 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 	if err := checkKey(key); err != nil {
 		return zero, err
 	}
+	if c.local != nil {
+		if le := c.local.get(key); le != nil {
+			if le.state == stateNegative {
+				return zero, fmt.Errorf("%w: %q", ErrNotFound, key)
+			}
+			return le.val, nil
+		}
+	}
 	e, err := c.read(ctx, key)
 	if err != nil {
 		return zero, fmt.Errorf("layercache: get %q: %w", key, err)
@@ -149,7 +175,11 @@ func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 		return err
 	}
 	c.flights.invalidate(key)
-	return c.write(ctx, key, value, 0, false)
+	err := c.write(ctx, key, value, 0, false)
+	// After the write, so no fill can bring the old value back; and even
+	// after a failed one, which may have reached Redis.
+	c.invalidate(key)
+	return err
 }
 
 // Delete removes keys, which may fall in different Redis Cluster slots,
@@ -168,7 +198,9 @@ func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		c.flights.invalidate(k)
 	}
-	if err := c.store.del(ctx, keys); err != nil {
+	err := c.store.del(ctx, keys)
+	c.invalidate(keys...)
+	if err != nil {
 		c.stats.redisErrors.Add(1)
 		return fmt.Errorf("layercache: delete: %w", err)
 	}
@@ -186,13 +218,17 @@ func (c *Cache[T]) Close() error {
 	c.closeOnce.Do(func() {
 		c.closeFn()
 		c.flights.close()
+		c.closeTiers()
 	})
 	return nil
 }
 
-// read fetches and decodes key from Redis. An error is a Redis failure;
-// everything else (absent, expired, corrupt) is a miss with a nil error.
+// read fetches and decodes key from Redis, and keeps what it found in the
+// local tier. An error is a Redis failure; everything else (absent,
+// expired, corrupt) is a miss with a nil error. Callers look in the local
+// tier first.
 func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
+	tok := c.local.begin(key) // before the Redis read: see localTier
 	var e entry[T]
 	raw, err := c.store.get(ctx, key)
 	if err != nil {
@@ -221,6 +257,7 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	if hdr.Negative() {
 		c.stats.negativeHits.Add(1)
 		e.state = stateNegative
+		c.local.put(key, tok, &e)
 		return e, nil
 	}
 	if err := c.cfg.codec.Unmarshal(payload, &e.val); err != nil {
@@ -229,6 +266,7 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	}
 	c.stats.redisHits.Add(1)
 	e.state = stateFresh
+	c.local.put(key, tok, &e)
 	return e, nil
 }
 

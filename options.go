@@ -30,6 +30,9 @@ type config struct {
 	loadTimeout time.Duration
 	logger      *slog.Logger
 	clock       Clock
+	localMax    int           // WithLocal; 0: no local tier
+	localTTL    time.Duration // WithLocal
+	bus         *Bus          // WithInvalidation
 
 	errs []error
 }

@@ -6,7 +6,8 @@ import "sync/atomic"
 // For dashboards, prefer the OpenTelemetry metrics; Stats is for tests,
 // health endpoints and users without OpenTelemetry.
 type Stats struct {
-	// LocalHits counts reads answered by the in-process tier.
+	// LocalHits counts reads answered by the in-process tier (WithLocal);
+	// a cached "not found" answered there counts in NegativeHits too.
 	LocalHits uint64
 	// RedisHits counts reads answered by a fresh value in Redis.
 	RedisHits uint64
@@ -34,6 +35,18 @@ type Stats struct {
 	// because a write or delete of the key overtook the load, or they
 	// exceeded WithMaxValueSize.
 	Writes, NegativeWrites, Deletes, SkippedWrites uint64
+	// LocalBypasses counts reads that skipped the local tier because its
+	// invalidation bus was not subscribed and current (reconnecting, or
+	// replaying a stream backlog), or the cache was closed.
+	LocalBypasses uint64
+	// LocalFlushes counts times the local tier was emptied: on every bus
+	// (re)subscription in pub/sub mode, when a stream was trimmed past this
+	// node, on a flush message.
+	LocalFlushes uint64
+	// InvalidationsSent counts keys this cache published to its bus after a
+	// Set or Delete; InvalidationsReceived the keys other nodes' messages
+	// dropped from its local tier.
+	InvalidationsSent, InvalidationsReceived uint64
 }
 
 // counters is the live, lock-free form of Stats.
@@ -42,6 +55,8 @@ type counters struct {
 	loads, loadErrors, loadPanics, coalesced      atomic.Uint64
 	decodeErrors, redisErrors                     atomic.Uint64
 	writes, negativeWrites, deletes, skippedWrite atomic.Uint64
+	localBypasses, localFlushes                   atomic.Uint64
+	invalidationsSent, invalidationsReceived      atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -60,5 +75,10 @@ func (c *counters) snapshot() Stats {
 		NegativeWrites: c.negativeWrites.Load(),
 		Deletes:        c.deletes.Load(),
 		SkippedWrites:  c.skippedWrite.Load(),
+
+		LocalBypasses:         c.localBypasses.Load(),
+		LocalFlushes:          c.localFlushes.Load(),
+		InvalidationsSent:     c.invalidationsSent.Load(),
+		InvalidationsReceived: c.invalidationsReceived.Load(),
 	}
 }
