@@ -101,7 +101,7 @@ func runBus(t *testing.T, fn func(t *testing.T, tgt *redistest.Target, mode busM
 	})
 }
 
-func newNode(t *testing.T, tgt *redistest.Target, ns string, busOpts []layercache.BusOption, opts ...layercache.Option) *node {
+func newNode(t testing.TB, tgt *redistest.Target, ns string, busOpts []layercache.BusOption, opts ...layercache.Option) *node {
 	t.Helper()
 	f := &netFault{}
 	busClient := tgt.NewClientOpts(t, func(o *redis.UniversalOptions) { o.Dialer = f.dial })
@@ -114,7 +114,11 @@ func newNode(t *testing.T, tgt *redistest.Target, ns string, busOpts []layercach
 	// it stopped because of the bus, not because the copy expired.
 	opts = append([]layercache.Option{layercache.WithNamespace(ns), layercache.WithLocal(1000, time.Hour),
 		layercache.WithInvalidation(bus)}, opts...)
-	c := newCache[string](t, tgt.NewClient(t), opts...)
+	c, err := layercache.New[string](tgt.NewClient(t), append([]layercache.Option{layercache.WithLogger(quiet)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
 	if err := bus.Ready(ctx); err != nil {
@@ -317,7 +321,7 @@ func TestBusKillRace(t *testing.T) {
 // later whether something it never saw was trimmed, so its first catch-up
 // flushes. Tests that count flushes start on an existing stream, as
 // deployments do after their first write.
-func seedStream(t *testing.T, tgt *redistest.Target, stream string) {
+func seedStream(t testing.TB, tgt *redistest.Target, stream string) {
 	t.Helper()
 	msg := busmsg.Encode([8]byte{1}, 0, []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}, nil)[0]
 	if err := tgt.NewClient(t).XAdd(context.Background(), &redis.XAddArgs{Stream: stream, Values: []any{"m", msg}}).Err(); err != nil {
