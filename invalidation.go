@@ -518,7 +518,8 @@ func (b *Bus) setDown(reason error) {
 }
 
 // setUp turns local hits on, flushing the local tiers first when flush is
-// set. Fills that raced the flush are caught by the tiers' epoch check.
+// set (a fill that read Redis before the flush cannot store after it: see
+// localTier).
 func (b *Bus) setUp(flush bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
