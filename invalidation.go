@@ -96,6 +96,8 @@ type busConfig struct {
 	// catchUpHook, for tests, runs after each batch a stream reader
 	// applies while catching up, before it decides whether it is current.
 	catchUpHook func()
+	// health is pubsubHealth; tests shorten it.
+	health time.Duration
 }
 
 func (c *busConfig) fail(format string, args ...any) {
@@ -222,7 +224,7 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 	if client == nil {
 		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got nil", ErrInvalidOption)
 	}
-	cfg := busConfig{channel: DefaultBusChannel}
+	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth}
 	for _, opt := range opts {
 		if opt == nil {
 			cfg.fail("nil BusOption passed to NewBus")
@@ -620,7 +622,7 @@ func (b *Bus) runPubSub() {
 			}
 			pingSent = false
 		}
-		msg, err := ps.ReceiveTimeout(b.ctx, pubsubHealth)
+		msg, err := ps.ReceiveTimeout(b.ctx, b.cfg.health)
 		if err != nil {
 			if b.ctx.Err() != nil {
 				return

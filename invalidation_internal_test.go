@@ -127,3 +127,162 @@ func TestStreamCatchUpBypassesLocal(t *testing.T) {
 		}
 	})
 }
+
+// freezingProxy forwards TCP connections to a Redis server and can freeze:
+// stop moving bytes either way without closing anything, as a silently
+// dead network path (a NAT that forgot the flow, a pulled cable) does.
+type freezingProxy struct {
+	ln     net.Listener
+	target string
+	frozen atomic.Bool
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func startFreezingProxy(t *testing.T, target string) *freezingProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezingProxy{ln: ln, target: target}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, up)
+			p.mu.Unlock()
+			p.wg.Add(2)
+			go p.pipe(c, up)
+			go p.pipe(up, c)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		p.mu.Lock()
+		for _, c := range p.conns {
+			_ = c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+// pipe copies src to dst, holding bytes back while the proxy is frozen.
+func (p *freezingProxy) pipe(dst, src net.Conn) {
+	defer p.wg.Done()
+	defer dst.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		for n > 0 && p.frozen.Load() {
+			time.Sleep(time.Millisecond)
+			if p.isClosed(src) {
+				return
+			}
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *freezingProxy) isClosed(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, x := range p.conns {
+		if x == c {
+			return false
+		}
+	}
+	return true
+}
+
+// forget closes every proxied connection and drops it from the list, so
+// pipes held by a freeze exit (the test's stand-in for the dead path's
+// connections finally timing out).
+func (p *freezingProxy) forget() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		_ = c.Close()
+	}
+	p.conns = nil
+}
+
+// TestPubSubSilentDeath: a subscription whose connection stops delivering
+// without any error is found dead by the health ping; local hits go off
+// at once, and come back after a new subscription and a flush.
+func TestPubSubSilentDeath(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		if tgt.Cluster {
+			t.Skip("the proxy forwards to one node; cluster redirections would bypass it")
+		}
+		ctx := context.Background()
+		ns := redistest.Namespace(t)
+		quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+		proxy := startFreezingProxy(t, tgt.Addrs[0])
+		busClient := redis.NewClient(&redis.Options{Addr: proxy.ln.Addr().String(), ReadTimeout: 3 * time.Second})
+		defer busClient.Close()
+		const health = 100 * time.Millisecond
+		bus, err := NewBus(busClient, WithChannel(ns), WithBusLogger(quiet), func(c *busConfig) { c.health = health })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer bus.Close()
+		c, err := New[string](tgt.NewClient(t), WithNamespace(ns), WithLocal(10, time.Hour), WithInvalidation(bus), WithLogger(quiet))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		wait, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		if err := bus.Ready(wait); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.Set(ctx, "k", "v")
+		_, _ = c.Get(ctx, "k")
+		if c.local.get("k") == nil {
+			t.Fatal("not warm")
+		}
+
+		proxy.frozen.Store(true)
+		start := time.Now()
+		for bus.Stats().Disconnects == 0 {
+			if time.Since(start) > 20*time.Second {
+				t.Fatal("a frozen subscription was never declared dead")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if took := time.Since(start); took > 20*health {
+			t.Logf("declared dead after %v (health interval %v)", took, health)
+		}
+		if c.local.get("k") != nil {
+			t.Fatal("local hits still on after the subscription was declared dead")
+		}
+		proxy.frozen.Store(false)
+		proxy.forget() // the dead connection's pipes exit
+		if err := bus.Ready(wait); err != nil {
+			t.Fatal(err)
+		}
+		if st := bus.Stats(); st.Subscriptions < 2 || st.Flushes < 2 {
+			t.Fatalf("after recovery: %+v", st)
+		}
+	})
+}
