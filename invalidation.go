@@ -216,7 +216,8 @@ func WithInvalidation(bus *Bus) Option {
 
 // NewBus returns a Bus over client (a *redis.Client, *redis.ClusterClient,
 // or any redis.UniversalClient) and starts its goroutines: one that
-// subscribes (or reads the stream) and one that publishes. It does not wait
+// subscribes (or reads the stream), one that publishes, and the coarse clock
+// its caches' local tiers read. It does not wait
 // for the subscription: until it is up, attached caches read through to
 // Redis; [Bus.Ready] waits for it. It returns an error wrapping
 // [ErrInvalidOption] for a bad option.

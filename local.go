@@ -24,7 +24,9 @@ import (
 // Local hits return the same T to every caller: treat values whose type
 // holds pointers, slices or maps as read-only. maxEntries and ttl must be
 // positive. Eviction is W-TinyLFU (otter), so a scan of cold keys does not
-// push the hot ones out.
+// push the hot ones out. The tier runs a bookkeeping goroutine, and, for a
+// cache without a bus, a millisecond clock ticker; [Cache.Close] stops both
+// and turns local hits off.
 func WithLocal(maxEntries int, ttl time.Duration) Option {
 	return func(c *config) {
 		if maxEntries <= 0 {
