@@ -550,3 +550,39 @@ func TestBusOptionErrors(t *testing.T) {
 		t.Errorf("nil client: %v", err)
 	}
 }
+
+// TestBusBacklogBecomesFlush: while a node cannot publish, its pending
+// invalidations pile up; past a bound they become a flush of the route,
+// which the other nodes apply once the node is back.
+func TestBusBacklogBecomesFlush(t *testing.T) {
+	tgt := redistest.Miniredis(t)
+	ctx := context.Background()
+	ns := redistest.Namespace(t)
+	opts := busModes[0].opts(ns)
+	a := newNode(t, tgt, ns, opts)
+	b := newNode(t, tgt, ns, opts)
+	set(t, a, "k", "v1")
+	b.warm(t, "k", "v1")
+	flushes := b.cache.Stats().LocalFlushes
+
+	a.fault.cut() // a's bus cannot publish; its cache still writes Redis
+	keys := make([]string, 9000)
+	for i := range keys {
+		keys[i] = fmt.Sprint("gone-", i)
+	}
+	if err := a.cache.Delete(ctx, keys...); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.cache.Set(ctx, "k", "v2"); err != nil {
+		t.Fatal(err)
+	}
+	a.fault.heal()
+	eventually(t, "b to apply the route flush", func() bool { return b.cache.Stats().LocalFlushes > flushes })
+	if v := b.get(t, "k"); v != "v2" {
+		t.Fatalf("b read %q after the flush", v)
+	}
+	// Only the two sets of "k" went out as keys; the 9000 deletes did not.
+	if st := a.bus.Stats(); st.SentKeys > 2 {
+		t.Fatalf("a sent keys instead of a flush: %+v", st)
+	}
+}
