@@ -3,22 +3,12 @@ package layercache_test
 import (
 	"context"
 	"encoding/json"
-	"os/exec"
 	"testing"
 
 	"github.com/layercache/layercache"
 	"github.com/layercache/layercache/internal/redistest"
 	"github.com/redis/go-redis/v9"
 )
-
-// benchTarget is a real redis-server when one is installed (the numbers that
-// matter), miniredis otherwise.
-func benchTarget(b *testing.B) *redistest.Target {
-	if _, err := exec.LookPath("redis-server"); err == nil {
-		return redistest.Standalone(b)
-	}
-	return redistest.Miniredis(b)
-}
 
 type product struct {
 	ID    int      `json:"id"`

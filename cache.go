@@ -31,6 +31,9 @@ type Cache[T any] struct {
 	flights flightGroup[T]
 	stats   counters
 
+	notices *noticeHub // lease notices; nil without WithLocks
+	refresh refresher  // background refreshes and fail-safe backoff
+
 	// local is the in-process tier (WithLocal) and bus the invalidation
 	// bus (WithInvalidation); either may be nil. route names this cache on
 	// the bus.
@@ -63,6 +66,7 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		}
 		opt(&cfg)
 	}
+	cfg.checkStampede()
 	if cfg.codec == Raw && !rawCodecCompatible(new(T)) {
 		var zero T
 		cfg.fail("WithCodec(Raw) needs T to be []byte or string, not %T", zero)
@@ -84,6 +88,9 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 	if err := c.initTiers(); err != nil {
 		return nil, err
 	}
+	if cfg.lockTTL > 0 {
+		c.notices = newNoticeHub(c.closeCtx, client, c.log)
+	}
 	return c, nil
 }
 
@@ -94,6 +101,7 @@ const (
 	stateMiss     entryState = iota // absent, expired or undecodable
 	stateFresh                      // a value within its fresh TTL
 	stateNegative                   // a fresh cached "not found"
+	stateStale                      // past its fresh TTL, within the WithStaleWhileRevalidate grace
 )
 
 // entry is one decoded read.
@@ -101,6 +109,7 @@ type entry[T any] struct {
 	state entryState
 	val   T
 	hdr   envelope.Header
+	now   int64 // Unix ms at which state was judged
 }
 
 // Fetch returns the value of key, calling load on a miss and caching what it
@@ -134,9 +143,15 @@ func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.
 	}
 	switch e.state {
 	case stateFresh:
+		if c.cfg.earlyBeta > 0 {
+			c.maybeRefreshEarly(ctx, key, &e, load) // refresh.go
+		}
 		return e.val, nil
 	case stateNegative:
 		return zero, ErrNotFound
+	case stateStale:
+		c.serveStale(ctx, key, e.now, load) // refresh.go
+		return e.val, nil
 	}
 	return c.loadShared(ctx, key, load)
 }
@@ -162,20 +177,31 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 	if err != nil {
 		return zero, fmt.Errorf("layercache: get %q: %w", key, err)
 	}
-	if e.state == stateFresh {
+	switch e.state {
+	case stateFresh:
 		return e.val, nil
+	case stateStale:
+		c.stats.misses.Add(1)
 	}
 	return zero, fmt.Errorf("%w: %q", ErrNotFound, key)
 }
 
 // Set writes value for key, fresh for the cache's TTL. A load of key that
-// is running in this process when Set is called will not overwrite it.
+// is running in this process when Set is called will not overwrite it; with
+// leases in use ([WithLocks], [WithEarlyRefresh], [WithStaleWhileRevalidate])
+// Set also breaks the key's lease, so neither will one running in another
+// process.
 func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 	if err := checkKey(key); err != nil {
 		return err
 	}
 	c.flights.invalidate(key)
-	err := c.write(ctx, key, value, 0, false)
+	var err error
+	if c.usesLeases() {
+		err = c.setBreakingLease(ctx, key, value) // lease.go
+	} else {
+		err = c.write(ctx, key, value, 0, false)
+	}
 	// After the write, so no fill can bring the old value back; and even
 	// after a failed one, which may have reached Redis.
 	c.invalidate(key)
@@ -218,15 +244,19 @@ func (c *Cache[T]) Close() error {
 	c.closeOnce.Do(func() {
 		c.closeFn()
 		c.flights.close()
+		c.refresh.close()
+		if c.notices != nil {
+			c.notices.close()
+		}
 		c.closeTiers()
 	})
 	return nil
 }
 
-// read fetches and decodes key from Redis, and keeps what it found in the
-// local tier. An error is a Redis failure; everything else (absent,
-// expired, corrupt) is a miss with a nil error. Callers look in the local
-// tier first.
+// read fetches and decodes key from Redis, and keeps a fresh value (or "not
+// found") in the local tier. An error is a Redis failure; everything else
+// (absent, expired, corrupt) is a miss with a nil error. Callers look in
+// the local tier first.
 func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	tok := c.local.begin(key) // before the Redis read: see localTier
 	var e entry[T]
@@ -244,35 +274,56 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 		c.stats.misses.Add(1)
 		return e, nil
 	}
+	e = c.decode(ctx, key, raw, c.nowMillis())
+	switch e.state {
+	case stateFresh:
+		c.stats.redisHits.Add(1)
+		c.local.put(key, tok, &e)
+	case stateNegative:
+		c.stats.negativeHits.Add(1)
+		c.local.put(key, tok, &e)
+	case stateMiss:
+		c.stats.misses.Add(1)
+	case stateStale:
+		// Counted by the caller: served by Fetch, a miss for Get.
+	}
+	return e, nil
+}
+
+// decode judges an envelope read from Redis at now. It counts decode
+// failures, nothing else.
+func (c *Cache[T]) decode(ctx context.Context, key string, raw []byte, now int64) entry[T] {
+	e := entry[T]{now: now}
 	hdr, payload, err := envelope.Decode(raw)
 	if err != nil {
 		c.decodeFailed(ctx, key, err)
-		return e, nil
+		return e
 	}
 	e.hdr = hdr
-	if c.nowMillis() >= hdr.FreshUntil {
-		c.stats.misses.Add(1)
-		return e, nil
+	state := stateFresh
+	if now >= hdr.FreshUntil {
+		if c.cfg.grace == 0 || hdr.Negative() || now >= hdr.ExpiresAt {
+			return e
+		}
+		state = stateStale
 	}
 	if hdr.Negative() {
-		c.stats.negativeHits.Add(1)
 		e.state = stateNegative
-		c.local.put(key, tok, &e)
-		return e, nil
+		return e
 	}
-	if err := c.cfg.codec.Unmarshal(payload, &e.val); err != nil {
+	// Only val goes to the codec: the codec is an interface, so what it
+	// gets a pointer to escapes to the heap, and the whole entry need not.
+	var val T
+	if err := c.cfg.codec.Unmarshal(payload, &val); err != nil {
 		c.decodeFailed(ctx, key, err)
-		return e, nil
+		return e
 	}
-	c.stats.redisHits.Add(1)
-	e.state = stateFresh
-	c.local.put(key, tok, &e)
-	return e, nil
+	e.val, e.state = val, state
+	return e
 }
 
 func (c *Cache[T]) decodeFailed(ctx context.Context, key string, err error) {
 	c.stats.decodeErrors.Add(1)
-	c.stats.misses.Add(1)
 	c.logDecodeFailed.log(ctx, c.log, slog.LevelWarn, "layercache: cached value does not decode; treating it as a miss",
 		slog.String("key", key), slog.Any("err", err))
 }
@@ -306,20 +357,21 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 // the group before they are released, so no later caller can join a
 // finished flight and get a value that may since have expired.
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
+	// finish takes the flight out of the group, then releases its callers.
 	defer c.flights.finish(key, f)
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(c.closeCtx, cancel)
 	defer stop()
 
-	start := time.Now()
-	f.val, f.err = c.callLoader(ctx, key, load)
-	took := time.Since(start)
-
-	switch {
-	case f.err == nil:
-	case errors.Is(f.err, ErrNotFound) && c.cfg.negativeTTL > 0:
-	default:
+	if c.cfg.lockTTL > 0 {
+		// One load per key across processes: lease.go.
+		f.val, f.err = c.loadLeased(ctx, key, load, &f.stale)
+		return
+	}
+	var took time.Duration
+	f.val, took, f.err = c.timedLoad(ctx, key, load)
+	if !c.cacheable(f.err) {
 		return
 	}
 	if f.stale.Load() {
@@ -331,6 +383,21 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
 			slog.String("key", key), slog.Any("err", err))
 	}
+}
+
+// timedLoad calls load bounded by the load timeout and measures it.
+func (c *Cache[T]) timedLoad(ctx context.Context, key string, load func(context.Context) (T, error)) (T, time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.loadTimeout)
+	defer cancel()
+	start := time.Now()
+	val, err := c.callLoader(ctx, key, load)
+	return val, time.Since(start), err
+}
+
+// cacheable reports whether a load's outcome is cached: a value, or a "not
+// found" while negative caching is on.
+func (c *Cache[T]) cacheable(err error) bool {
+	return err == nil || errors.Is(err, ErrNotFound) && c.cfg.negativeTTL > 0
 }
 
 // callLoader calls load, turning a panic into a *PanicError.
@@ -356,37 +423,53 @@ func (c *Cache[T]) callLoader(ctx context.Context, key string, load func(context
 
 // write stores value (or a negative entry) for key.
 func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Duration, negative bool) error {
+	env, ttl, err := c.encode(key, value, took, negative)
+	if err != nil {
+		return err
+	}
+	if err := c.store.set(ctx, key, env, ttl); err != nil {
+		c.stats.redisErrors.Add(1)
+		return fmt.Errorf("layercache: write %q: %w", key, err)
+	}
+	c.countWrite(negative)
+	return nil
+}
+
+// encode returns the envelope of value (or of a negative entry) for key and
+// its physical TTL: the (jittered) fresh TTL plus the stale grace.
+func (c *Cache[T]) encode(key string, value T, took time.Duration, negative bool) ([]byte, time.Duration, error) {
 	var payload []byte
 	hdr := envelope.Header{LoadDuration: took}
 	ttl := c.cfg.ttl
+	var grace time.Duration
 	if negative {
 		hdr.Flags = envelope.FlagNegative
 		ttl = c.cfg.negativeTTL
 	} else {
 		var err error
 		if payload, err = c.cfg.codec.Marshal(value); err != nil {
-			return fmt.Errorf("layercache: encode %q: %w", key, err)
+			return nil, 0, fmt.Errorf("layercache: encode %q: %w", key, err)
 		}
 		if c.cfg.maxValue > 0 && len(payload) > c.cfg.maxValue {
 			c.stats.skippedWrite.Add(1)
-			return fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d", ErrValueTooLarge, key, len(payload), c.cfg.maxValue)
+			return nil, 0, fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d", ErrValueTooLarge, key, len(payload), c.cfg.maxValue)
 		}
 		ttl = c.jitter(ttl)
+		grace = c.cfg.grace
 	}
 	now := c.nowMillis()
 	hdr.WrittenAt = now
 	hdr.FreshUntil = now + ttl.Milliseconds()
-	hdr.ExpiresAt = hdr.FreshUntil
-	if err := c.store.set(ctx, key, envelope.Encode(hdr, payload), ttl); err != nil {
-		c.stats.redisErrors.Add(1)
-		return fmt.Errorf("layercache: write %q: %w", key, err)
-	}
+	hdr.ExpiresAt = hdr.FreshUntil + grace.Milliseconds()
+	return envelope.Encode(hdr, payload), ttl + grace, nil
+}
+
+func (c *Cache[T]) countWrite(negative bool) {
 	if negative {
 		c.stats.negativeWrites.Add(1)
 	} else {
 		c.stats.writes.Add(1)
 	}
-	return nil
 }
 
 // jitter spreads ttl by the configured fraction.

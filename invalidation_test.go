@@ -586,3 +586,33 @@ func TestBusBacklogBecomesFlush(t *testing.T) {
 		t.Fatalf("a sent keys instead of a flush: %+v", st)
 	}
 }
+
+// TestBusWithStampedeOptions: the local tier and the bus compose with
+// leases, early refresh and stale-while-revalidate: Set (which breaks the
+// lease in a script) still invalidates every node, and Fetch fills the
+// local tier from what the leased load wrote.
+func TestBusWithStampedeOptions(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		ns := redistest.Namespace(t)
+		opts := busModes[0].opts(ns)
+		stampede := []layercache.Option{layercache.WithLocks(time.Second, 5*time.Second),
+			layercache.WithEarlyRefresh(1), layercache.WithStaleWhileRevalidate(time.Minute)}
+		a := newNode(t, tgt, ns, opts, stampede...)
+		b := newNode(t, tgt, ns, opts, stampede...)
+		var loads counter
+		load := func(context.Context) (string, error) { loads.n.Add(1); return "loaded", nil }
+		for _, n := range []*node{a, b} {
+			if v, err := n.cache.Fetch(ctx, "k", load); err != nil || v != "loaded" {
+				t.Fatalf("Fetch = %q, %v", v, err)
+			}
+		}
+		b.warm(t, "k", "loaded")
+		if n := loads.n.Load(); n != 1 {
+			t.Fatalf("%d loads for one key", n)
+		}
+		set(t, a, "k", "set")
+		eventually(t, "b to see the Set", func() bool { return b.get(t, "k") == "set" })
+		b.warm(t, "k", "set")
+	})
+}

@@ -41,6 +41,11 @@ func (ks keyspace) entry(key string) string {
 // lease returns the Redis key of a user key's lease.
 func (ks keyspace) lease(key string) string { return ks.entry(key) + ":lease" }
 
+// notice returns the pub/sub channel on which fills and releases of a user
+// key's lease are announced. Like the lease, it carries the key's hash tag,
+// so a sharded publish from a script stays in the key's slot.
+func (ks keyspace) notice(key string) string { return ks.entry(key) + ":notice" }
+
 // pattern returns a SCAN MATCH pattern for every key of the keyspace.
 func (ks keyspace) pattern() string { return globEscape(ks.prefix) + "*" }
 

@@ -3,6 +3,7 @@ package layercache
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 )
 
@@ -33,6 +34,13 @@ type config struct {
 	localMax    int           // WithLocal; 0: no local tier
 	localTTL    time.Duration // WithLocal
 	bus         *Bus          // WithInvalidation
+
+	// Stampede protection (lease.go, refresh.go); zero means off.
+	lockTTL      time.Duration // WithLocks: lease lifetime
+	lockWait     time.Duration // WithLocks: longest wait for another holder
+	earlyBeta    float64       // WithEarlyRefresh: XFetch's beta
+	grace        time.Duration // WithStaleWhileRevalidate: stale window
+	failSafeWait time.Duration // WithFailSafe: backoff after a failed refresh
 
 	errs []error
 }
@@ -178,5 +186,105 @@ func WithClock(clock Clock) Option {
 			return
 		}
 		c.clock = clock
+	}
+}
+
+// WithLocks makes concurrent misses of a key cost one load across every
+// process that shares the Redis, instead of one per process.
+//
+// On a miss, the process takes the key's lease, a random token stored with
+// SET NX PX at namespace:version:{key}:lease for ttl. The holder loads,
+// renews the lease while the load runs, and caches the value with a script
+// that writes only if its token still holds the lease; the script releases
+// the lease and publishes a notice. Other processes wait for that notice
+// (one shared subscription per Cache; sharded pub/sub on a Redis Cluster)
+// and read the value; they poll only as a fallback, when the subscription
+// is not yet confirmed or at the moment the holder's lease would run out.
+//
+// A holder that dies stops renewing: its lease expires within ttl and the
+// next waiter takes over. A waiter that has waited wait loads by itself
+// (its value is returned but not cached; see [Stats].LeaseWaitTimeouts).
+// A holder that lost its lease, because it expired or because [Cache.Set]
+// or [Cache.Delete] broke it, never caches its value, but its callers still
+// get it: a load that started before a write is never cached after it.
+//
+// A miss costs one more round trip (the lease script) and a waiter a few;
+// hits cost nothing more. [Cache.Set] writes and breaks the lease in one
+// script. ttl must be at least 10ms and well above a Redis round trip; it
+// bounds how long waiters stall behind a crashed holder. wait must be
+// positive; it bounds how long a caller waits for another process's load.
+func WithLocks(ttl, wait time.Duration) Option {
+	return func(c *config) {
+		if ttl < 10*time.Millisecond {
+			c.fail("WithLocks(%v, %v): the lease TTL must be at least 10ms", ttl, wait)
+			return
+		}
+		if wait <= 0 {
+			c.fail("WithLocks(%v, %v): the wait must be positive", ttl, wait)
+			return
+		}
+		c.lockTTL, c.lockWait = ttl, wait
+	}
+}
+
+// WithEarlyRefresh refreshes hot values before they expire, with the XFetch
+// rule (Vattani et al., VLDB 2015): a Fetch that hits a fresh value
+// refreshes it in the background when
+//
+//	now - delta*beta*ln(rand()) >= fresh-until
+//
+// where delta is how long the value took to load (kept in its envelope).
+// Slow-to-load and often-read values are refreshed earlier; refreshes of
+// values read together spread out instead of all happening at expiry.
+// Values written by [Cache.Set] have no load time and are not refreshed
+// early.
+//
+// The refresh never blocks a caller. It runs under the key's lease (see
+// [WithLocks]; without that option the lease lives 5s and is renewed), so
+// only one process refreshes a key at a time; a process that cannot take
+// the lease skips the refresh. beta must be positive and finite: 1 is the
+// usual choice, larger values refresh earlier.
+func WithEarlyRefresh(beta float64) Option {
+	return func(c *config) {
+		if !(beta > 0 && beta <= math.MaxFloat64) {
+			c.fail("WithEarlyRefresh(%v): beta must be positive and finite; 1 is typical", beta)
+			return
+		}
+		c.earlyBeta = beta
+	}
+}
+
+// WithStaleWhileRevalidate keeps values for grace after they stop being
+// fresh (the physical Redis TTL is the fresh TTL plus grace). A Fetch that
+// finds a stale value within the grace returns it at once and refreshes it
+// in the background; one refresh per key runs at a time across processes
+// (under the key's lease, as with [WithEarlyRefresh]). A value may thus be
+// served up to grace after its TTL, plus the time one refresh takes.
+// [Cache.Get] still treats stale values as absent. Cached "not found"
+// entries get no grace. grace must be positive.
+func WithStaleWhileRevalidate(grace time.Duration) Option {
+	return func(c *config) {
+		if grace <= 0 {
+			c.fail("WithStaleWhileRevalidate(%v): the grace must be positive", grace)
+			return
+		}
+		c.grace = grace
+	}
+}
+
+// WithFailSafe protects a failing source: when a background refresh of a
+// stale value fails, the stale value keeps being served (until its grace
+// ends) and no refresh of that key starts in this process for backoff, so
+// a failing database sees at most one load per key per backoff from each
+// process. Such reads are counted in [Stats].FailSafeHits and the failure
+// is logged. It needs stale values to fall back on: use it with
+// [WithStaleWhileRevalidate]. backoff must be positive.
+func WithFailSafe(backoff time.Duration) Option {
+	return func(c *config) {
+		if backoff <= 0 {
+			c.fail("WithFailSafe(%v): the backoff must be positive", backoff)
+			return
+		}
+		c.failSafeWait = backoff
 	}
 }

@@ -35,6 +35,26 @@ type Stats struct {
 	// because a write or delete of the key overtook the load, or they
 	// exceeded WithMaxValueSize.
 	Writes, NegativeWrites, Deletes, SkippedWrites uint64
+
+	// LeasesAcquired counts loads this process ran under the key's lease
+	// (WithLocks misses, and background refreshes). LeaseWaits counts
+	// misses that waited for another holder's load instead of loading.
+	// LeaseWaitTimeouts counts waits that ran out, after which this
+	// process loaded by itself and did not cache the value. LeasesLost
+	// counts loads whose lease expired or was broken by a write before the
+	// fill; their value was returned but not cached (also in
+	// SkippedWrites).
+	LeasesAcquired, LeaseWaits, LeaseWaitTimeouts, LeasesLost uint64
+	// EarlyRefreshes counts background refreshes started by
+	// WithEarlyRefresh. StaleHits counts stale values served by
+	// WithStaleWhileRevalidate, FailSafeHits the part of them served
+	// while the key's refreshes were failing (WithFailSafe).
+	EarlyRefreshes, StaleHits, FailSafeHits uint64
+	// RefreshesSkipped counts background refreshes given up because
+	// another process held the key's lease; RefreshErrors those whose
+	// loader failed.
+	RefreshesSkipped, RefreshErrors uint64
+
 	// LocalBypasses counts reads that skipped the local tier because its
 	// invalidation bus was not subscribed and current (reconnecting, or
 	// replaying a stream backlog), or the cache was closed.
@@ -55,8 +75,13 @@ type counters struct {
 	loads, loadErrors, loadPanics, coalesced      atomic.Uint64
 	decodeErrors, redisErrors                     atomic.Uint64
 	writes, negativeWrites, deletes, skippedWrite atomic.Uint64
-	localBypasses, localFlushes                   atomic.Uint64
-	invalidationsSent, invalidationsReceived      atomic.Uint64
+
+	leasesAcquired, leaseWaits, leaseWaitTimeouts, leasesLost atomic.Uint64
+	earlyRefreshes, staleHits, failSafeHits                   atomic.Uint64
+	refreshesSkipped, refreshErrors                           atomic.Uint64
+
+	localBypasses, localFlushes              atomic.Uint64
+	invalidationsSent, invalidationsReceived atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -75,6 +100,16 @@ func (c *counters) snapshot() Stats {
 		NegativeWrites: c.negativeWrites.Load(),
 		Deletes:        c.deletes.Load(),
 		SkippedWrites:  c.skippedWrite.Load(),
+
+		LeasesAcquired:    c.leasesAcquired.Load(),
+		LeaseWaits:        c.leaseWaits.Load(),
+		LeaseWaitTimeouts: c.leaseWaitTimeouts.Load(),
+		LeasesLost:        c.leasesLost.Load(),
+		EarlyRefreshes:    c.earlyRefreshes.Load(),
+		StaleHits:         c.staleHits.Load(),
+		FailSafeHits:      c.failSafeHits.Load(),
+		RefreshesSkipped:  c.refreshesSkipped.Load(),
+		RefreshErrors:     c.refreshErrors.Load(),
 
 		LocalBypasses:         c.localBypasses.Load(),
 		LocalFlushes:          c.localFlushes.Load(),

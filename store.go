@@ -20,6 +20,40 @@ type store interface {
 	// del removes the values of keys and anything tied to them (leases).
 	// Keys may fall in different Cluster slots.
 	del(ctx context.Context, keys []string) error
+
+	// Leases (lease.go). A lease is a random token at the key's lease key,
+	// namespace:version:{key}:lease; every write made under it checks the
+	// token in the same script (fencing), and value, lease and notice
+	// channel share the key's Cluster slot.
+
+	// acquireLease takes key's lease for token, for ttl, if nobody holds
+	// it. With read, it also returns key's envelope, read in the same step.
+	acquireLease(ctx context.Context, key, token string, ttl time.Duration, read bool) (leaseAttempt, error)
+	// renewLease extends key's lease to ttl if token still holds it, and
+	// reports whether it did.
+	renewLease(ctx context.Context, key, token string, ttl time.Duration) (bool, error)
+	// fillLeased stores env as set does if token still holds key's lease,
+	// releases the lease and publishes a notice; it reports whether env
+	// was stored. When the lease is free (a write broke it), it still
+	// publishes a notice so that waiters look again.
+	fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error)
+	// releaseLease drops key's lease if token holds it and publishes a
+	// notice.
+	releaseLease(ctx context.Context, key, token string) error
+	// setBreakingLease stores env as set does and drops key's lease,
+	// whoever holds it, so that a fill that started before this write
+	// cannot land after it.
+	setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error
+	// noticeChannel is the pub/sub channel of key's notices; it hashes to
+	// key's slot.
+	noticeChannel(key string) string
+}
+
+// leaseAttempt is what acquireLease found.
+type leaseAttempt struct {
+	env      []byte        // key's envelope when asked for and present
+	acquired bool          // the caller's token now holds the lease
+	heldFor  time.Duration // when not acquired: the holder's remaining lease time
 }
 
 // keyPerEntryStore keeps each entry in its own string key,
