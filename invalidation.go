@@ -852,6 +852,9 @@ func (b *Bus) catchUp(lastID string, count int64) (entries []redis.XMessage, nex
 		return entries, "", false, nil
 	}
 	if lastID == "0-0" && info.MaxDeletedEntryID == "" && len(entries) == 0 && info.Length == 0 {
+		// An empty stream on a server that does not report deletions:
+		// buses never trim to empty (MAXLEN >= 1), so take it as unwritten
+		// rather than flush every time an idle node reconnects.
 		return entries, "", false, nil
 	}
 	return nil, info.LastGeneratedID, true, nil
