@@ -24,7 +24,8 @@ var ErrInvalidOption = errors.New("layercache: invalid option")
 // still returns the loaded value to its caller but does not cache it.
 var ErrValueTooLarge = errors.New("layercache: encoded value exceeds the maximum size")
 
-// ErrClosed reports a call on a [Cache] after [Cache.Close].
+// ErrClosed reports a call on a [Cache] after [Cache.Close], or on a [Bus]
+// after [Bus.Close] (including attaching a cache to it).
 var ErrClosed = errors.New("layercache: cache is closed")
 
 // ErrLoaderPanic wraps a panic raised by a loader. Every caller that shared
