@@ -34,6 +34,13 @@ type Cache[T any] struct {
 	notices *noticeHub // lease notices; nil without WithLocks
 	refresh refresher  // background refreshes and fail-safe backoff
 
+	// local is the in-process tier (WithLocal) and bus the invalidation
+	// bus (WithInvalidation); either may be nil. route names this cache on
+	// the bus.
+	local *localTier[T]
+	bus   *Bus
+	route string
+
 	// Throttled logs of events that, when they happen, happen to every
 	// request: a Redis outage, a keyspace full of undecodable values.
 	logReadFailed, logWriteFailed, logDecodeFailed throttledLog
@@ -89,6 +96,11 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 	}
 	c.log = cfg.logger.With("cache", cfg.namespace+":"+cfg.version)
 	c.closeCtx, c.closeFn = context.WithCancel(context.Background())
+	if err := c.initTiers(); err != nil {
+		return nil, err
+	}
+	// Last: it starts background work (phase follower, sweeps) and cannot
+	// fail, so a failed New leaves nothing running.
 	c.store = c.buildStore(upgrades)
 	if cfg.lockTTL > 0 {
 		c.notices = newNoticeHub(c.closeCtx, client, c.log)
@@ -131,6 +143,14 @@ func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.
 	if err := checkKey(key); err != nil {
 		return zero, err
 	}
+	if c.local != nil {
+		if le := c.local.get(key); le != nil {
+			if le.state == stateNegative {
+				return zero, ErrNotFound
+			}
+			return le.val, nil
+		}
+	}
 	e, err := c.read(ctx, key)
 	if err != nil && ctx.Err() != nil {
 		return zero, ctx.Err()
@@ -159,6 +179,14 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 	if err := checkKey(key); err != nil {
 		return zero, err
 	}
+	if c.local != nil {
+		if le := c.local.get(key); le != nil {
+			if le.state == stateNegative {
+				return zero, fmt.Errorf("%w: %q", ErrNotFound, key)
+			}
+			return le.val, nil
+		}
+	}
 	e, err := c.read(ctx, key)
 	if err != nil {
 		return zero, fmt.Errorf("layercache: get %q: %w", key, err)
@@ -182,10 +210,16 @@ func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 		return err
 	}
 	c.flights.invalidate(key)
+	var err error
 	if c.usesLeases() {
-		return c.setBreakingLease(ctx, key, value) // lease.go
+		err = c.setBreakingLease(ctx, key, value) // lease.go
+	} else {
+		err = c.write(ctx, key, value, 0, false)
 	}
-	return c.write(ctx, key, value, 0, false)
+	// After the write, so no fill can bring the old value back; and even
+	// after a failed one, which may have reached Redis.
+	c.invalidate(key)
+	return err
 }
 
 // Delete removes keys, which may fall in different Redis Cluster slots,
@@ -204,7 +238,9 @@ func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		c.flights.invalidate(k)
 	}
-	if err := c.store.del(ctx, keys); err != nil {
+	err := c.store.del(ctx, keys)
+	c.invalidate(keys...)
+	if err != nil {
 		c.stats.redisErrors.Add(1)
 		return fmt.Errorf("layercache: delete: %w", err)
 	}
@@ -230,14 +266,18 @@ func (c *Cache[T]) Close() error {
 		if c.notices != nil {
 			c.notices.close()
 		}
+		c.closeTiers()
 		c.bg.Wait()
 	})
 	return nil
 }
 
-// read fetches and decodes key from Redis. An error is a Redis failure;
-// everything else (absent, expired, corrupt) is a miss with a nil error.
+// read fetches and decodes key from Redis, and keeps a fresh value (or "not
+// found") in the local tier. An error is a Redis failure; everything else
+// (absent, expired, corrupt) is a miss with a nil error. Callers look in
+// the local tier first.
 func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
+	tok := c.local.begin(key) // before the Redis read: see localTier
 	var e entry[T]
 	raw, err := c.store.get(ctx, key)
 	if err != nil {
@@ -257,8 +297,10 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	switch e.state {
 	case stateFresh:
 		c.stats.redisHits.Add(1)
+		c.local.put(key, tok, &e)
 	case stateNegative:
 		c.stats.negativeHits.Add(1)
+		c.local.put(key, tok, &e)
 	case stateMiss:
 		c.stats.misses.Add(1)
 	case stateStale:

@@ -14,6 +14,13 @@
 // a process share one load, detached from any one caller's context; a load
 // returning [ErrNotFound] is remembered for a short while.
 //
+// [WithLocal] adds an in-process tier of decoded values (a hit costs tens
+// of nanoseconds, no I/O); a [Bus] ([NewBus], [WithInvalidation]) carries
+// each Set and Delete to every other process's local tier within
+// milliseconds, over pub/sub or a durable Redis Stream ([WithStream]). No
+// local read is staler than the invalidation lag, and never staler than the
+// local TTL, whatever happens to the connection.
+//
 // It works with *redis.Client, *redis.ClusterClient, *redis.Ring and the
 // failover client through [redis.UniversalClient]. No command or script
 // touches keys of two Cluster slots.

@@ -28,7 +28,8 @@ var ErrValueTooLarge = errors.New("layercache: encoded value exceeds the maximum
 // cache built without [WithMigration].
 var ErrNoMigration = errors.New("layercache: the cache has no migration")
 
-// ErrClosed reports a call on a [Cache] after [Cache.Close].
+// ErrClosed reports a call on a [Cache] after [Cache.Close], or on a [Bus]
+// after [Bus.Close] (including attaching a cache to it).
 var ErrClosed = errors.New("layercache: cache is closed")
 
 // ErrLoaderPanic wraps a panic raised by a loader. Every caller that shared

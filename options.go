@@ -31,6 +31,9 @@ type config struct {
 	loadTimeout time.Duration
 	logger      *slog.Logger
 	clock       Clock
+	localMax    int           // WithLocal; 0: no local tier
+	localTTL    time.Duration // WithLocal
+	bus         *Bus          // WithInvalidation
 
 	// Stampede protection (lease.go, refresh.go); zero means off.
 	lockTTL      time.Duration // WithLocks: lease lifetime

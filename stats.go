@@ -6,7 +6,8 @@ import "sync/atomic"
 // For dashboards, prefer the OpenTelemetry metrics; Stats is for tests,
 // health endpoints and users without OpenTelemetry.
 type Stats struct {
-	// LocalHits counts reads answered by the in-process tier.
+	// LocalHits counts reads answered by the in-process tier (WithLocal);
+	// a cached "not found" answered there counts in NegativeHits too.
 	LocalHits uint64
 	// RedisHits counts reads answered by a fresh value in Redis.
 	RedisHits uint64
@@ -54,6 +55,19 @@ type Stats struct {
 	// loader failed.
 	RefreshesSkipped, RefreshErrors uint64
 
+	// LocalBypasses counts reads that skipped the local tier because its
+	// invalidation bus was not subscribed and current (reconnecting, or
+	// replaying a stream backlog), or the cache was closed.
+	LocalBypasses uint64
+	// LocalFlushes counts times the local tier was emptied: on every bus
+	// (re)subscription in pub/sub mode, when a stream was trimmed past this
+	// node, on a flush message.
+	LocalFlushes uint64
+	// InvalidationsSent counts keys this cache published to its bus after a
+	// Set or Delete; InvalidationsReceived the keys other nodes' messages
+	// dropped from its local tier.
+	InvalidationsSent, InvalidationsReceived uint64
+
 	// Upgrades counts reads answered by upgrading a value found at an
 	// older version (WithUpgradeFrom), without a load; UpgradeErrors the
 	// older values that could not be upgraded (each then a miss).
@@ -77,6 +91,9 @@ type counters struct {
 	leasesAcquired, leaseWaits, leaseWaitTimeouts, leasesLost atomic.Uint64
 	earlyRefreshes, staleHits, failSafeHits                   atomic.Uint64
 	refreshesSkipped, refreshErrors                           atomic.Uint64
+
+	localBypasses, localFlushes              atomic.Uint64
+	invalidationsSent, invalidationsReceived atomic.Uint64
 
 	upgrades, upgradeErrors, validationFailures atomic.Uint64
 	swept                                       atomic.Uint64
@@ -108,6 +125,11 @@ func (c *counters) snapshot() Stats {
 		FailSafeHits:      c.failSafeHits.Load(),
 		RefreshesSkipped:  c.refreshesSkipped.Load(),
 		RefreshErrors:     c.refreshErrors.Load(),
+
+		LocalBypasses:         c.localBypasses.Load(),
+		LocalFlushes:          c.localFlushes.Load(),
+		InvalidationsSent:     c.invalidationsSent.Load(),
+		InvalidationsReceived: c.invalidationsReceived.Load(),
 
 		Upgrades:           c.upgrades.Load(),
 		UpgradeErrors:      c.upgradeErrors.Load(),

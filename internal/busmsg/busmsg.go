@@ -1,0 +1,294 @@
+// Package busmsg is the wire format of the messages layercache's invalidation
+// bus sends over Redis pub/sub or a Redis Stream. A message carries a batch
+// of items for one or more caches (routes) from one node:
+//
+//	offset size field
+//	0      1    magic (0xB5)
+//	1      1    format version (1)
+//	2      1    flags (FlagMAC)
+//	3      8    origin node id
+//	11     8    sent at, Unix milliseconds (for the lag metric only)
+//	19     -    items, up to the MAC
+//	end-16 16   HMAC-SHA256(secret, everything before it), truncated; only with FlagMAC
+//
+// An item is a kind byte, a uvarint body length and the body, so a reader
+// skips kinds it does not know (newer writers may add some). Kinds:
+//
+//	KindInvalidate  uvarint route length, route, then keys, each a uvarint length and the bytes
+//	KindFlush       uvarint route length, route
+//
+// The magic, the flags byte at offset 2 and the MAC as the last 16 bytes are
+// the framing every later version keeps, so that a reader can authenticate a
+// message of a version it cannot parse.
+package busmsg
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+)
+
+const (
+	// Magic is the first byte of every message.
+	Magic byte = 0xB5
+	// Version is the format version this package writes.
+	Version byte = 1
+	// FlagMAC marks a message that ends with a MAC.
+	FlagMAC byte = 1 << 0
+	// HeaderSize is the length of the fixed header.
+	HeaderSize = 19
+	// MACSize is the length of the truncated HMAC-SHA256 tag.
+	MACSize = 16
+	// MaxSize bounds an encoded message; Encode splits larger batches.
+	MaxSize = 32 << 10
+	// MaxKeyLen is the longest key an item may carry (the cache's limit).
+	MaxKeyLen = 1024
+	// maxRouteLen bounds a route ("namespace:version", each at most 128).
+	maxRouteLen = 512
+)
+
+// Kind says what an item asks for.
+type Kind byte
+
+// Item kinds.
+const (
+	// KindInvalidate drops keys from the local tiers of a route.
+	KindInvalidate Kind = 1
+	// KindFlush drops every entry of the local tiers of a route.
+	KindFlush Kind = 2
+)
+
+// Errors returned by Decode. They never carry the input bytes.
+var (
+	// ErrForeign: not a layercache bus message (bad magic, too short).
+	ErrForeign = errors.New("busmsg: not a bus message")
+	// ErrForged: a secret is configured and the message has no MAC or a
+	// wrong one.
+	ErrForged = errors.New("busmsg: message not authenticated")
+	// ErrVersion: an authentic (or unauthenticated, when no secret is
+	// configured) message of a format version this package cannot read.
+	ErrVersion = errors.New("busmsg: unknown format version")
+	// ErrMalformed: a version-1 message whose items do not parse.
+	ErrMalformed = errors.New("busmsg: malformed message")
+)
+
+// Item is one instruction for the local tiers of a route.
+type Item struct {
+	Kind  Kind
+	Route string
+	Keys  []string // KindInvalidate only
+}
+
+// Message is a decoded message.
+type Message struct {
+	Origin [8]byte
+	SentAt int64 // Unix ms, by the sender's clock
+	Items  []Item
+}
+
+// Encode returns items as one or more messages of at most MaxSize bytes
+// each (a single key longer than that is impossible: keys are bounded by
+// MaxKeyLen). With a non-empty secret every message carries a MAC.
+func Encode(origin [8]byte, sentAt int64, items []Item, secret []byte) [][]byte {
+	e := encoder{origin: origin, sentAt: sentAt, secret: secret}
+	for _, it := range items {
+		switch it.Kind {
+		case KindInvalidate:
+			e.invalidate(it.Route, it.Keys)
+		default:
+			e.item(it.Kind, it.Route)
+		}
+	}
+	e.finish()
+	return e.out
+}
+
+type encoder struct {
+	origin [8]byte
+	sentAt int64
+	secret []byte
+	buf    []byte
+	out    [][]byte
+}
+
+func (e *encoder) limit() int {
+	if len(e.secret) > 0 {
+		return MaxSize - MACSize
+	}
+	return MaxSize
+}
+
+func (e *encoder) start() {
+	if e.buf != nil {
+		return
+	}
+	e.buf = make([]byte, HeaderSize, 512)
+	e.buf[0] = Magic
+	e.buf[1] = Version
+	if len(e.secret) > 0 {
+		e.buf[2] = FlagMAC
+	}
+	copy(e.buf[3:11], e.origin[:])
+	binary.BigEndian.PutUint64(e.buf[11:19], uint64(e.sentAt))
+}
+
+func (e *encoder) finish() {
+	if e.buf == nil {
+		return
+	}
+	if len(e.secret) > 0 {
+		e.buf = append(e.buf, Sum(e.secret, e.buf)...)
+	}
+	e.out = append(e.out, e.buf)
+	e.buf = nil
+}
+
+// item appends a body-less item (flush, or future kinds) for route.
+func (e *encoder) item(kind Kind, route string) {
+	body := uvarintLen(len(route)) + len(route)
+	if e.buf != nil && len(e.buf)+1+uvarintLen(body)+body > e.limit() {
+		e.finish()
+	}
+	e.start()
+	e.buf = append(e.buf, byte(kind))
+	e.buf = binary.AppendUvarint(e.buf, uint64(body))
+	e.buf = binary.AppendUvarint(e.buf, uint64(len(route)))
+	e.buf = append(e.buf, route...)
+}
+
+// invalidate appends keys of route as one item per message, splitting them
+// over as many messages as their size needs.
+func (e *encoder) invalidate(route string, keys []string) {
+	for len(keys) > 0 {
+		head := uvarintLen(len(route)) + len(route)
+		// Worst-case item framing: kind + a 3-byte uvarint body length
+		// (bodies are below 2^21).
+		const framing = 1 + 3
+		if e.buf != nil && len(e.buf)+framing+head+uvarintLen(len(keys[0]))+len(keys[0]) > e.limit() {
+			e.finish()
+		}
+		e.start()
+		room := e.limit() - len(e.buf) - framing - head
+		body := head
+		n := 0
+		for n < len(keys) {
+			k := uvarintLen(len(keys[n])) + len(keys[n])
+			if k > room && n > 0 {
+				break
+			}
+			room -= k
+			body += k
+			n++
+		}
+		e.buf = append(e.buf, byte(KindInvalidate))
+		e.buf = binary.AppendUvarint(e.buf, uint64(body))
+		e.buf = binary.AppendUvarint(e.buf, uint64(len(route)))
+		e.buf = append(e.buf, route...)
+		for _, k := range keys[:n] {
+			e.buf = binary.AppendUvarint(e.buf, uint64(len(k)))
+			e.buf = append(e.buf, k...)
+		}
+		keys = keys[n:]
+		if len(keys) > 0 {
+			e.finish()
+		}
+	}
+}
+
+// Sum returns the truncated HMAC-SHA256 of b under secret.
+func Sum(secret, b []byte) []byte {
+	m := hmac.New(sha256.New, secret)
+	m.Write(b)
+	return m.Sum(nil)[:MACSize]
+}
+
+// Decode parses b. With a non-empty secret, a message without a valid MAC
+// is ErrForged whatever else it holds; the MAC is checked before anything
+// past the framing is read. Without a secret a MAC, if present, is skipped
+// unchecked. Decode never panics, whatever b holds.
+func Decode(b []byte, secret []byte) (Message, error) {
+	var m Message
+	if len(b) < HeaderSize || b[0] != Magic {
+		return m, ErrForeign
+	}
+	hasMAC := b[2]&FlagMAC != 0
+	if len(secret) > 0 {
+		if !hasMAC || len(b) < HeaderSize+MACSize {
+			return m, ErrForged
+		}
+		body, tag := b[:len(b)-MACSize], b[len(b)-MACSize:]
+		if !hmac.Equal(tag, Sum(secret, body)) {
+			return m, ErrForged
+		}
+	}
+	if b[1] != Version {
+		return m, ErrVersion
+	}
+	if b[2]&^FlagMAC != 0 {
+		return m, ErrMalformed
+	}
+	if hasMAC {
+		if len(b) < HeaderSize+MACSize {
+			return m, ErrMalformed
+		}
+		b = b[:len(b)-MACSize]
+	}
+	copy(m.Origin[:], b[3:11])
+	m.SentAt = int64(binary.BigEndian.Uint64(b[11:19]))
+	p := b[HeaderSize:]
+	for len(p) > 0 {
+		kind := Kind(p[0])
+		bodyLen, n := binary.Uvarint(p[1:])
+		if n <= 0 || bodyLen > uint64(len(p)-1-n) {
+			return m, ErrMalformed
+		}
+		body := p[1+n : 1+n+int(bodyLen)]
+		p = p[1+n+int(bodyLen):]
+		if kind != KindInvalidate && kind != KindFlush {
+			continue // a newer writer's kind: skip it
+		}
+		route, rest, ok := field(body, maxRouteLen)
+		if !ok || route == "" {
+			return m, ErrMalformed
+		}
+		it := Item{Kind: kind, Route: route}
+		if kind == KindFlush {
+			if len(rest) != 0 {
+				return m, ErrMalformed
+			}
+			m.Items = append(m.Items, it)
+			continue
+		}
+		for len(rest) > 0 {
+			var k string
+			if k, rest, ok = field(rest, MaxKeyLen); !ok || k == "" {
+				return m, ErrMalformed
+			}
+			it.Keys = append(it.Keys, k)
+		}
+		if len(it.Keys) == 0 {
+			return m, ErrMalformed
+		}
+		m.Items = append(m.Items, it)
+	}
+	return m, nil
+}
+
+// field reads a uvarint-length-prefixed string of at most max bytes.
+func field(b []byte, max int) (string, []byte, bool) {
+	l, n := binary.Uvarint(b)
+	if n <= 0 || l > uint64(max) || l > uint64(len(b)-n) {
+		return "", nil, false
+	}
+	return string(b[n : n+int(l)]), b[n+int(l):], true
+}
+
+func uvarintLen(n int) int {
+	l := 1
+	for n >= 0x80 {
+		n >>= 7
+		l++
+	}
+	return l
+}

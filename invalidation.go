@@ -1,0 +1,941 @@
+package layercache
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/layercache/layercache/internal/busmsg"
+	"github.com/redis/go-redis/v9"
+)
+
+// Bus carries invalidations between the processes that share a Redis, so
+// that a write on one node reaches the local tier ([WithLocal]) of every
+// other node within milliseconds. One Bus per process serves all its caches
+// ([WithInvalidation]) over one subscription; messages are routed by
+// namespace and version.
+//
+// [Cache.Set] and [Cache.Delete] hand their keys to the bus, which
+// publishes them in the background: batched under load (what piles up while
+// one publish is in flight goes out in the next), small, tagged with this
+// node's id so the node skips its own, and retried until delivered or the
+// bus is closed. Receivers drop the keys from their local tiers.
+//
+// A node that may have missed messages never serves local hits: in the
+// default pub/sub mode, which is at-most-once, local hits are off from the
+// moment the connection is found broken (an error, or no answer to a
+// health-check ping within a few seconds) until the subscription is back,
+// and the local tiers are flushed on every subscription before hits resume.
+// In stream mode ([WithStream]) the node replays what it missed instead of
+// flushing, and flushes only when what it missed was trimmed away.
+//
+// The promise: no local read is staler than the invalidation lag, and never
+// staler than the local TTL, whatever happens to the connection.
+//
+// A Bus must be closed with [Bus.Close]; caches still attached then stop
+// serving local hits (their reads go to Redis).
+type Bus struct {
+	client redis.UniversalClient
+	cfg    busConfig
+	node   [8]byte
+	log    *slog.Logger
+	clock  *coarseClock // shared by the local tiers of attached caches
+
+	mu     sync.RWMutex
+	routes map[string][]busTier
+	up     bool          // subscribed and current: local hits on
+	upCh   chan struct{} // closed when up turns true; replaced when it turns false
+	closed bool
+	ps     *redis.PubSub // the live subscription, closed by Close to unblock the reader
+
+	pubMu   sync.Mutex
+	pending map[string]*pendingRoute
+	npend   int
+	kick    chan struct{}
+
+	ctx       context.Context // cancelled by Close
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	stats     busCounters
+
+	logDown, logSend, logForged throttledLog
+}
+
+// busTier is a local tier as the bus sees it, whatever its value type.
+type busTier interface {
+	invalidate(keys []string)       // a write in this process
+	remoteInvalidate(keys []string) // a message from another node
+	flush()
+	setUp(bool)
+}
+
+type pendingRoute struct {
+	keys  []string
+	flush bool // too many keys piled up: flush the route instead
+}
+
+// BusOption configures a [Bus].
+type BusOption func(*busConfig)
+
+type busConfig struct {
+	channel string
+	stream  string // stream mode when not empty
+	maxLen  int64
+	secret  []byte
+	logger  *slog.Logger
+	errs    []error
+
+	// catchUpHook, for tests, runs after each batch a stream reader
+	// applies while catching up, before it decides whether it is current.
+	catchUpHook func()
+	// health is pubsubHealth; tests shorten it.
+	health time.Duration
+}
+
+func (c *busConfig) fail(format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
+}
+
+// DefaultBusChannel is the pub/sub channel a [Bus] uses unless
+// [WithChannel] names another.
+const DefaultBusChannel = "layercache:invalidation"
+
+// Tuning of the bus. Not options: they are about the connection, not about
+// what a user wants from the cache.
+const (
+	// pubsubHealth is how long the subscriber waits for a message before
+	// it pings; a connection that answers neither within two of these is
+	// declared dead, and local hits go off.
+	pubsubHealth = 2 * time.Second
+	// streamBlock is how long one XREAD BLOCK waits for new entries. Close
+	// waits for at most one of these.
+	streamBlock = 200 * time.Millisecond
+	// streamBatch is the most entries one XREAD asks for (less when the
+	// stream's MAXLEN is smaller; see runStream).
+	streamBatch = 128
+	// maxPendingKeys bounds the keys waiting to be published. Past it,
+	// the routes' keys are replaced by route flushes: memory stays bounded
+	// when Redis is unreachable for long, at the price of hit ratio.
+	maxPendingKeys = 8192
+	// closeFlushTimeout bounds Close's last attempt to publish what is
+	// pending.
+	closeFlushTimeout = 2 * time.Second
+)
+
+// WithChannel sets the pub/sub channel of the bus. Every node of a
+// deployment must use the same one; unrelated deployments sharing a Redis
+// use different ones. The default is [DefaultBusChannel]. On a Redis
+// Cluster, PUBLISH reaches subscribers on every node.
+func WithChannel(name string) BusOption {
+	return func(c *busConfig) {
+		if name == "" {
+			c.fail("WithChannel(\"\"): give a channel name")
+			return
+		}
+		c.channel = name
+	}
+}
+
+// WithStream makes the bus durable: invalidations are appended to the Redis
+// Stream at key name (XADD ... MAXLEN ~ maxLen) instead of published, and
+// each node reads the stream from the last entry it saw. After a reconnect
+// a node replays what it missed instead of flushing its local tiers; it
+// flushes only if entries it had not read were trimmed away; and while it
+// catches up on a backlog its local hits are off (reads go to Redis).
+//
+// maxLen must be positive and the same on every node: it bounds the
+// stream's memory, and how long a node may be away and still replay rather
+// than flush. Each node polls the stream with XREAD BLOCK; an idle node
+// sends about five commands a second. On a Redis Cluster the stream lives
+// in the slot of name, so one node carries all bus traffic.
+func WithStream(name string, maxLen int64) BusOption {
+	return func(c *busConfig) {
+		if name == "" {
+			c.fail("WithStream(\"\", %d): give the stream's key", maxLen)
+			return
+		}
+		if maxLen <= 0 {
+			c.fail("WithStream(%q, %d): maxLen must be positive", name, maxLen)
+			return
+		}
+		c.stream, c.maxLen = name, maxLen
+	}
+}
+
+// WithSecret authenticates bus messages with HMAC-SHA256 under secret, so
+// that a client allowed to PUBLISH (or XADD) cannot forge invalidations or
+// flushes. Messages without a valid tag are dropped and counted
+// ([BusStats].Forged). Every node must have the same secret of at least 16
+// bytes. A replayed genuine message can only drop keys again, which is
+// safe.
+func WithSecret(secret []byte) BusOption {
+	return func(c *busConfig) {
+		if len(secret) < 16 {
+			c.fail("WithSecret: the secret has %d bytes; use at least 16 random bytes", len(secret))
+			return
+		}
+		c.secret = append([]byte(nil), secret...)
+	}
+}
+
+// WithBusLogger sets where the bus logs connection losses, trimmed
+// streams, forged messages and publish failures. The default is
+// slog.Default().
+func WithBusLogger(logger *slog.Logger) BusOption {
+	return func(c *busConfig) {
+		if logger == nil {
+			c.fail("WithBusLogger(nil): pass a *slog.Logger")
+			return
+		}
+		c.logger = logger
+	}
+}
+
+// WithInvalidation attaches the cache to bus: its Set and Delete publish
+// invalidations of the keys, and messages from other nodes drop keys from
+// its local tier ([WithLocal]). A cache without a local tier only publishes.
+// Caches are routed by namespace and version, so any number may share a
+// bus. Attaching does no I/O.
+func WithInvalidation(bus *Bus) Option {
+	return func(c *config) {
+		if bus == nil {
+			c.fail("WithInvalidation(nil): pass a *Bus from NewBus")
+			return
+		}
+		c.bus = bus
+	}
+}
+
+// NewBus returns a Bus over client (a *redis.Client, *redis.ClusterClient,
+// or any redis.UniversalClient) and starts its goroutines: one that
+// subscribes (or reads the stream), one that publishes, and the coarse clock
+// its caches' local tiers read. It does not wait
+// for the subscription: until it is up, attached caches read through to
+// Redis; [Bus.Ready] waits for it. It returns an error wrapping
+// [ErrInvalidOption] for a bad option.
+func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
+	if client == nil {
+		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth}
+	for _, opt := range opts {
+		if opt == nil {
+			cfg.fail("nil BusOption passed to NewBus")
+			continue
+		}
+		opt(&cfg)
+	}
+	if len(cfg.errs) > 0 {
+		return nil, errors.Join(cfg.errs...)
+	}
+	if cfg.logger == nil {
+		cfg.logger = slog.Default()
+	}
+	b := &Bus{
+		client:  client,
+		cfg:     cfg,
+		routes:  make(map[string][]busTier),
+		upCh:    make(chan struct{}),
+		pending: make(map[string]*pendingRoute),
+		kick:    make(chan struct{}, 1),
+	}
+	if _, err := rand.Read(b.node[:]); err != nil {
+		return nil, fmt.Errorf("layercache: node id: %w", err)
+	}
+	mode := "pubsub:" + cfg.channel
+	if cfg.stream != "" {
+		mode = "stream:" + cfg.stream
+	}
+	b.log = cfg.logger.With("bus", mode, "node", fmt.Sprintf("%x", b.node))
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.clock = startCoarseClock()
+	b.wg.Add(2)
+	go b.runPublisher()
+	if cfg.stream != "" {
+		go b.runStream()
+	} else {
+		go b.runPubSub()
+	}
+	return b, nil
+}
+
+// Ready waits until the bus is subscribed (pub/sub) or has caught up with
+// the stream, which is when attached caches serve local hits. It returns
+// ctx.Err() if ctx ends first and [ErrClosed] if the bus is closed.
+func (b *Bus) Ready(ctx context.Context) error {
+	for {
+		b.mu.RLock()
+		closed, up, ch := b.closed, b.up, b.upCh
+		b.mu.RUnlock()
+		switch {
+		case closed:
+			return ErrClosed
+		case up:
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-b.ctx.Done():
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Close stops the bus: it makes one last attempt (of at most two seconds)
+// to publish pending invalidations, unsubscribes, and waits for its
+// goroutines. Caches still attached stop serving local hits. Close does not
+// close the Redis client. It is idempotent.
+func (b *Bus) Close() error {
+	b.closeOnce.Do(func() {
+		b.mu.Lock()
+		b.closed = true
+		b.up = false
+		for _, tiers := range b.routes {
+			for _, t := range tiers {
+				t.setUp(false)
+			}
+		}
+		ps := b.ps
+		b.mu.Unlock()
+		b.cancel()
+		if ps != nil {
+			// Unblocks a reader waiting in ReceiveTimeout.
+			_ = ps.Close()
+		}
+		b.wg.Wait()
+		b.clock.close()
+	})
+	return nil
+}
+
+// attach registers a cache's local tier (nil for a cache without one).
+func (b *Bus) attach(route string, t busTier) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return fmt.Errorf("%w: WithInvalidation got a closed Bus", ErrClosed)
+	}
+	if t != nil {
+		b.routes[route] = append(b.routes[route], t)
+		t.setUp(b.up)
+	}
+	return nil
+}
+
+// detach unregisters t; afterwards the bus never touches it.
+func (b *Bus) detach(route string, t busTier) {
+	if t == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	tiers := b.routes[route]
+	for i, x := range tiers {
+		if x == t {
+			tiers = append(tiers[:i:i], tiers[i+1:]...)
+			break
+		}
+	}
+	if len(tiers) == 0 {
+		delete(b.routes, route)
+	} else {
+		b.routes[route] = tiers
+	}
+}
+
+// publish drops keys from the other local tiers of route in this process
+// at once, and queues them for the other nodes. from (the writer's own
+// tier, which it invalidated itself) is skipped.
+func (b *Bus) publish(route string, keys []string, from busTier) {
+	if b.ctx.Err() != nil {
+		return // closed: the attached tiers are off, other nodes have their TTL
+	}
+	b.mu.RLock()
+	for _, t := range b.routes[route] {
+		if t != from {
+			t.invalidate(keys)
+		}
+	}
+	b.mu.RUnlock()
+
+	b.pubMu.Lock()
+	b.enqueueLocked(route, keys, false)
+	b.pubMu.Unlock()
+	select {
+	case b.kick <- struct{}{}:
+	default: // the publisher is already due to run
+	}
+}
+
+func (b *Bus) enqueueLocked(route string, keys []string, flush bool) {
+	p := b.pending[route]
+	if p == nil {
+		p = &pendingRoute{}
+		b.pending[route] = p
+	}
+	if flush {
+		b.npend -= len(p.keys)
+		p.keys, p.flush = nil, true
+	}
+	if !p.flush {
+		p.keys = append(p.keys, keys...)
+		b.npend += len(keys)
+	}
+	if b.npend > maxPendingKeys {
+		// Redis has been unreachable for a while: a flush per route
+		// says the same in constant space.
+		for _, p := range b.pending {
+			p.keys, p.flush = nil, true
+		}
+		b.npend = 0
+	}
+}
+
+// takePending empties the queue into message items.
+func (b *Bus) takePending() []busmsg.Item {
+	b.pubMu.Lock()
+	defer b.pubMu.Unlock()
+	if len(b.pending) == 0 {
+		return nil
+	}
+	items := make([]busmsg.Item, 0, len(b.pending))
+	for route, p := range b.pending {
+		if p.flush {
+			items = append(items, busmsg.Item{Kind: busmsg.KindFlush, Route: route})
+		} else {
+			items = append(items, busmsg.Item{Kind: busmsg.KindInvalidate, Route: route, Keys: p.keys})
+		}
+	}
+	clear(b.pending)
+	b.npend = 0
+	return items
+}
+
+// requeue puts items whose publish failed back in front of newer ones.
+// Order does not matter: invalidations commute.
+func (b *Bus) requeue(items []busmsg.Item) {
+	b.pubMu.Lock()
+	defer b.pubMu.Unlock()
+	for _, it := range items {
+		b.enqueueLocked(it.Route, it.Keys, it.Kind == busmsg.KindFlush)
+	}
+}
+
+// runPublisher sends what is queued, one batch at a time: whatever piles
+// up while a publish is in flight goes out together in the next one.
+func (b *Bus) runPublisher() {
+	defer b.wg.Done()
+	var bo backoff
+	for {
+		select {
+		case <-b.kick:
+		case <-b.ctx.Done():
+			ctx, cancel := context.WithTimeout(context.Background(), closeFlushTimeout)
+			if items := b.takePending(); items != nil {
+				if err := b.send(ctx, items); err != nil {
+					b.log.LogAttrs(ctx, slog.LevelWarn, "layercache: bus closed with invalidations unsent; other nodes rely on their local TTL",
+						slog.Any("err", err))
+				}
+			}
+			cancel()
+			return
+		}
+		for {
+			items := b.takePending()
+			if items == nil {
+				break
+			}
+			if err := b.send(b.ctx, items); err != nil {
+				b.stats.sendErrors.Add(1)
+				b.requeue(items)
+				if b.ctx.Err() != nil {
+					break // Close sends what is left
+				}
+				b.logSend.log(b.ctx, b.log, slog.LevelWarn, "layercache: publishing invalidations failed; retrying", slog.Any("err", err))
+				if !bo.wait(b.ctx) {
+					break
+				}
+				continue
+			}
+			bo.reset()
+		}
+	}
+}
+
+// send publishes items as one or more messages.
+func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
+	msgs := busmsg.Encode(b.node, time.Now().UnixMilli(), items, b.cfg.secret)
+	var err error
+	if b.cfg.stream == "" {
+		for _, m := range msgs {
+			if err = b.client.Publish(ctx, b.cfg.channel, m).Err(); err != nil {
+				break
+			}
+		}
+	} else {
+		_, err = b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, m := range msgs {
+				p.XAdd(ctx, &redis.XAddArgs{Stream: b.cfg.stream, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{"m", m}})
+			}
+			return nil
+		})
+	}
+	if err != nil {
+		return err
+	}
+	b.stats.sent.Add(uint64(len(msgs)))
+	for _, it := range items {
+		b.stats.sentKeys.Add(uint64(len(it.Keys)))
+	}
+	return nil
+}
+
+// setDown turns local hits off: the node may be missing messages.
+func (b *Bus) setDown(reason error) {
+	b.mu.Lock()
+	was := b.up
+	if was {
+		b.up = false
+		b.upCh = make(chan struct{})
+		for _, tiers := range b.routes {
+			for _, t := range tiers {
+				t.setUp(false)
+			}
+		}
+	}
+	b.mu.Unlock()
+	if was {
+		b.stats.disconnects.Add(1)
+		b.logDown.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidation bus interrupted; local hits off until it is current",
+			slog.Any("reason", reason))
+	}
+}
+
+// setUp turns local hits on, flushing the local tiers first when flush is
+// set (a fill that read Redis before the flush cannot store after it: see
+// localTier).
+func (b *Bus) setUp(flush bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	for _, tiers := range b.routes {
+		for _, t := range tiers {
+			if flush {
+				t.flush()
+			}
+			t.setUp(true)
+		}
+	}
+	if flush {
+		b.stats.flushes.Add(1)
+	}
+	if !b.up {
+		b.up = true
+		close(b.upCh)
+	}
+}
+
+// flushAll empties every local tier without changing whether hits are on.
+func (b *Bus) flushAll() {
+	b.mu.RLock()
+	for _, tiers := range b.routes {
+		for _, t := range tiers {
+			t.flush()
+		}
+	}
+	b.mu.RUnlock()
+	b.stats.flushes.Add(1)
+}
+
+// handle applies one message from the channel or the stream.
+func (b *Bus) handle(payload []byte) {
+	m, err := busmsg.Decode(payload, b.cfg.secret)
+	switch {
+	case err == nil:
+	case errors.Is(err, busmsg.ErrForged):
+		b.stats.forged.Add(1)
+		b.logForged.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a bus message that failed authentication")
+		return
+	case errors.Is(err, busmsg.ErrForeign):
+		b.stats.malformed.Add(1)
+		return
+	default:
+		// Ours (and authentic, if there is a secret), but unreadable: a
+		// newer format or a bug. It may have carried invalidations, so
+		// the only safe reading is "anything may have changed".
+		b.stats.malformed.Add(1)
+		b.flushAll()
+		return
+	}
+	if m.Origin == b.node {
+		return // this node's tiers were invalidated when it published
+	}
+	b.stats.received.Add(1)
+	if lag := time.Now().UnixMilli() - m.SentAt; lag >= 0 {
+		b.stats.lastLagMs.Store(lag)
+	}
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	for _, it := range m.Items {
+		b.stats.receivedKeys.Add(uint64(len(it.Keys)))
+		for _, t := range b.routes[it.Route] {
+			if it.Kind == busmsg.KindFlush {
+				t.flush()
+			} else {
+				t.remoteInvalidate(it.Keys)
+			}
+		}
+	}
+}
+
+// runPubSub keeps a subscription to the channel. go-redis reconnects and
+// resubscribes by itself after a broken connection; every subscription
+// confirmation it reads is a (re)subscription, after which messages may
+// have been lost, so it flushes the local tiers then turns hits on.
+func (b *Bus) runPubSub() {
+	defer b.wg.Done()
+	var (
+		ps       *redis.PubSub
+		bo       backoff
+		pingSent bool
+	)
+	defer func() {
+		if ps != nil {
+			_ = ps.Close()
+		}
+	}()
+	for b.ctx.Err() == nil {
+		if ps == nil {
+			ps = b.client.Subscribe(b.ctx, b.cfg.channel)
+			if !b.setPubSub(ps) {
+				return
+			}
+			pingSent = false
+		}
+		msg, err := ps.ReceiveTimeout(b.ctx, b.cfg.health)
+		if err != nil {
+			if b.ctx.Err() != nil {
+				return
+			}
+			if isTimeout(err) {
+				if pingSent {
+					// Neither a message nor the pong: the connection is
+					// dead even if TCP has not said so. Start afresh.
+					b.setDown(err)
+					_ = ps.Close()
+					ps = nil
+					continue
+				}
+				if err := ps.Ping(b.ctx); err != nil {
+					b.setDown(err)
+				}
+				pingSent = true
+				continue
+			}
+			// go-redis has dropped the connection and will dial again
+			// (and resubscribe) on the next receive.
+			b.setDown(err)
+			if !bo.wait(b.ctx) {
+				return
+			}
+			continue
+		}
+		bo.reset()
+		pingSent = false
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" && m.Channel == b.cfg.channel {
+				b.setUp(true)
+				b.stats.subscriptions.Add(1) // after the flush it caused
+			}
+		case *redis.Message:
+			b.handle([]byte(m.Payload))
+		}
+	}
+}
+
+// setPubSub records the live subscription so Close can close it; it
+// reports false (and closes ps) if the bus is already closed.
+func (b *Bus) setPubSub(ps *redis.PubSub) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		_ = ps.Close()
+		return false
+	}
+	b.ps = ps
+	return true
+}
+
+// runStream reads the stream from the last entry this node saw.
+//
+// Blocking reads are made only while the node is current, and they ask for
+// at most min(streamBatch, MAXLEN) entries. A short answer then proves that
+// nothing after the last-seen entry was trimmed: trimming leaves at least
+// MAXLEN entries, so had it removed any unread one, every entry left would
+// be unread and the read would come back full. A full answer, an error or
+// a start means the node may be behind: hits go off, and it catches up with
+// reads that check for trimmed entries (catchUp) until a short one.
+func (b *Bus) runStream() {
+	defer b.wg.Done()
+	count := min(int64(streamBatch), b.cfg.maxLen)
+	var (
+		bo      backoff
+		lastID  string // "" until known
+		current bool
+	)
+	fail := func(err error) bool {
+		current = false
+		b.setDown(err)
+		return bo.wait(b.ctx)
+	}
+	for b.ctx.Err() == nil {
+		if lastID == "" {
+			// Start at the end: the local tiers start empty, so there is
+			// nothing older to apply.
+			id, err := b.streamTail()
+			if err != nil {
+				if !fail(err) {
+					return
+				}
+				continue
+			}
+			lastID = id
+		}
+		if !current {
+			entries, next, lost, err := b.catchUp(lastID, count)
+			if err != nil {
+				if !fail(err) {
+					return
+				}
+				continue
+			}
+			bo.reset()
+			if lost {
+				b.stats.trimmed.Add(1)
+				b.log.LogAttrs(b.ctx, slog.LevelWarn, "layercache: invalidations were trimmed from the stream before this node read them; local tiers flushed",
+					slog.String("last_seen", lastID), slog.Int64("maxlen", b.cfg.maxLen))
+				b.flushAll()
+				lastID = next
+				continue
+			}
+			b.stats.replayed.Add(uint64(len(entries)))
+			lastID = b.apply(entries, lastID)
+			if b.cfg.catchUpHook != nil {
+				b.cfg.catchUpHook()
+			}
+			if int64(len(entries)) < count {
+				current = true
+				b.setUp(false)
+			}
+			continue
+		}
+		res, err := b.client.XRead(b.ctx, &redis.XReadArgs{
+			Streams: []string{b.cfg.stream, lastID},
+			Count:   count,
+			Block:   streamBlock,
+		}).Result()
+		if errors.Is(err, redis.Nil) {
+			continue // nothing new within streamBlock
+		}
+		if err != nil {
+			if b.ctx.Err() != nil {
+				return
+			}
+			if !fail(err) {
+				return
+			}
+			continue
+		}
+		var entries []redis.XMessage
+		if len(res) > 0 {
+			entries = res[0].Messages
+		}
+		if int64(len(entries)) >= count {
+			// Possibly behind, possibly trimmed past: drop this answer
+			// and read again from lastID with the trim check.
+			current = false
+			b.setDown(errors.New("stream backlog"))
+			continue
+		}
+		lastID = b.apply(entries, lastID)
+	}
+}
+
+// apply handles stream entries and returns the ID of the last one.
+func (b *Bus) apply(entries []redis.XMessage, lastID string) string {
+	for _, e := range entries {
+		if s, ok := e.Values["m"].(string); ok {
+			b.handle([]byte(s))
+		} else {
+			b.stats.malformed.Add(1)
+		}
+		lastID = e.ID
+	}
+	return lastID
+}
+
+// streamTail returns the ID of the stream's last entry, or "0-0".
+func (b *Bus) streamTail() (string, error) {
+	last, err := b.client.XRevRangeN(b.ctx, b.cfg.stream, "+", "-", 1).Result()
+	if err != nil {
+		return "", err
+	}
+	if len(last) == 0 {
+		return "0-0", nil
+	}
+	return last[0].ID, nil
+}
+
+// catchUp reads up to count entries after lastID and tells whether entries
+// after lastID were removed before this node read them (lost). When lost,
+// next is where to go on from after flushing: the stream's last generated
+// ID (a flush now covers every entry up to it).
+//
+// The read and the check that lastID's entry still exists run in one
+// MULTI: if it exists, nothing after it was trimmed (trimming removes from
+// the head). If it is gone, XINFO STREAM's max-deleted-entry-id (Redis 7)
+// tells whether the deletions stopped exactly at it; otherwise (entries
+// after it deleted, the stream recreated, or an older server that does not
+// say) the node assumes the worst.
+func (b *Bus) catchUp(lastID string, count int64) (entries []redis.XMessage, next string, lost bool, err error) {
+	ctx := b.ctx
+	key := b.cfg.stream
+	var exists *redis.XMessageSliceCmd
+	var read *redis.XStreamSliceCmd
+	_, err = b.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		if lastID != "0-0" {
+			exists = p.XRangeN(ctx, key, lastID, lastID, 1)
+		}
+		read = p.XRead(ctx, &redis.XReadArgs{Streams: []string{key, lastID}, Count: count, Block: -1})
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, "", false, err
+	}
+	if err := read.Err(); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, "", false, err
+	}
+	if res := read.Val(); len(res) > 0 {
+		entries = res[0].Messages
+	}
+	if exists != nil {
+		if err := exists.Err(); err != nil {
+			return nil, "", false, err
+		}
+		if len(exists.Val()) == 1 {
+			return entries, "", false, nil
+		}
+	}
+	info, err := b.client.XInfoStream(ctx, key).Result()
+	if err != nil {
+		if !isNoSuchKey(err) {
+			return nil, "", false, err
+		}
+		if lastID == "0-0" {
+			return entries, "", false, nil // never written, nothing missed
+		}
+		return nil, "0-0", true, nil // the stream was deleted
+	}
+	if info.MaxDeletedEntryID == lastID {
+		return entries, "", false, nil
+	}
+	if lastID == "0-0" && info.MaxDeletedEntryID == "" && len(entries) == 0 && info.Length == 0 {
+		// An empty stream on a server that does not report deletions:
+		// buses never trim to empty (MAXLEN >= 1), so take it as unwritten
+		// rather than flush every time an idle node reconnects.
+		return entries, "", false, nil
+	}
+	return nil, info.LastGeneratedID, true, nil
+}
+
+func isNoSuchKey(err error) bool { return strings.Contains(err.Error(), "no such key") }
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// backoff spaces out retries: 10ms, doubling up to a second.
+type backoff struct{ d time.Duration }
+
+// wait sleeps for the next delay; false if ctx ended first.
+func (bo *backoff) wait(ctx context.Context) bool {
+	bo.d = min(max(2*bo.d, 10*time.Millisecond), time.Second)
+	t := time.NewTimer(bo.d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (bo *backoff) reset() { bo.d = 0 }
+
+// BusStats is a snapshot of a [Bus]'s counters since [NewBus]. Counters
+// only grow. Per-cache figures (local hits, bypasses, flushes, keys sent
+// and received) are in [Cache.Stats].
+type BusStats struct {
+	// Sent counts messages published (PUBLISH or XADD); SentKeys the key
+	// invalidations they carried. SendErrors counts failed attempts, each
+	// retried.
+	Sent, SentKeys, SendErrors uint64
+	// Received counts messages from other nodes; ReceivedKeys the key
+	// invalidations in them.
+	Received, ReceivedKeys uint64
+	// Forged counts messages dropped because they failed authentication
+	// (see WithSecret). Malformed counts messages that were not bus
+	// messages (ignored) or could not be read (each caused a flush).
+	Forged, Malformed uint64
+	// Subscriptions counts pub/sub subscriptions made, the first one
+	// included; each later one followed a lost connection and flushed the
+	// local tiers.
+	Subscriptions uint64
+	// Disconnects counts times local hits were turned off because the bus
+	// lost its connection or fell behind on the stream.
+	Disconnects uint64
+	// Flushes counts flushes of all attached local tiers.
+	Flushes uint64
+	// Replayed counts stream entries read while catching up after a start,
+	// a reconnect or a backlog. Trimmed counts catch-ups that found unread
+	// entries trimmed away (each caused a flush).
+	Replayed, Trimmed uint64
+	// LastLag is the time from the sending of the last message received
+	// to its arrival, by the two nodes' clocks (millisecond precision).
+	LastLag time.Duration
+}
+
+type busCounters struct {
+	sent, sentKeys, sendErrors atomic.Uint64
+	received, receivedKeys     atomic.Uint64
+	forged, malformed          atomic.Uint64
+	subscriptions, disconnects atomic.Uint64
+	flushes, replayed, trimmed atomic.Uint64
+	lastLagMs                  atomic.Int64
+}
+
+// Stats returns a snapshot of the bus's counters.
+func (b *Bus) Stats() BusStats {
+	s := &b.stats
+	return BusStats{
+		Sent: s.sent.Load(), SentKeys: s.sentKeys.Load(), SendErrors: s.sendErrors.Load(),
+		Received: s.received.Load(), ReceivedKeys: s.receivedKeys.Load(),
+		Forged: s.forged.Load(), Malformed: s.malformed.Load(),
+		Subscriptions: s.subscriptions.Load(), Disconnects: s.disconnects.Load(),
+		Flushes: s.flushes.Load(), Replayed: s.replayed.Load(), Trimmed: s.trimmed.Load(),
+		LastLag: time.Duration(s.lastLagMs.Load()) * time.Millisecond,
+	}
+}
