@@ -45,6 +45,15 @@ type Cache[T any] struct {
 	// request: a Redis outage, a keyspace full of undecodable values.
 	logReadFailed, logWriteFailed, logDecodeFailed throttledLog
 
+	// Versions, layouts and migration (versioning.go, layout.go,
+	// dualread.go).
+	vals   *validation[T] // nil without WithValidator
+	writes *writeClock
+	mig    *migration     // nil unless WithMigration
+	sweeps []*hashStore   // Hash layouts swept in the background
+	bg     sync.WaitGroup // background goroutines; Close waits for them
+	logBg  throttledLog
+
 	closeCtx  context.Context // cancelled by Close; stops detached loads
 	closeFn   context.CancelFunc
 	closeOnce sync.Once
@@ -67,10 +76,11 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		opt(&cfg)
 	}
 	cfg.checkStampede()
-	if cfg.codec == Raw && !rawCodecCompatible(new(T)) {
+	if cfg.codec == PassThrough && !rawCodecCompatible(new(T)) {
 		var zero T
-		cfg.fail("WithCodec(Raw) needs T to be []byte or string, not %T", zero)
+		cfg.fail("WithCodec(PassThrough) needs T to be []byte or string, not %T", zero)
 	}
+	vals, upgrades := resolveVersioning[T](&cfg)
 	if len(cfg.errs) > 0 {
 		return nil, errors.Join(cfg.errs...)
 	}
@@ -81,13 +91,17 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		cfg:    cfg,
 		client: client,
 		keys:   newKeyspace(cfg.namespace, cfg.version),
+		vals:   vals,
+		writes: newWriteClock(),
 	}
 	c.log = cfg.logger.With("cache", cfg.namespace+":"+cfg.version)
-	c.store = &keyPerEntryStore{client: client, keys: c.keys}
 	c.closeCtx, c.closeFn = context.WithCancel(context.Background())
 	if err := c.initTiers(); err != nil {
 		return nil, err
 	}
+	// Last: it starts background work (phase follower, sweeps) and cannot
+	// fail, so a failed New leaves nothing running.
+	c.store = c.buildStore(upgrades)
 	if cfg.lockTTL > 0 {
 		c.notices = newNoticeHub(c.closeCtx, client, c.log)
 	}
@@ -235,7 +249,11 @@ func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
 }
 
 // Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
+func (c *Cache[T]) Stats() Stats {
+	st := c.stats.snapshot()
+	st.Migration = c.mig.snapshot()
+	return st
+}
 
 // Close stops the cache: running loads are cancelled and waited for, and
 // later Fetches that need a load fail with [ErrClosed]. It does not close
@@ -249,6 +267,7 @@ func (c *Cache[T]) Close() error {
 			c.notices.close()
 		}
 		c.closeTiers()
+		c.bg.Wait()
 	})
 	return nil
 }
@@ -317,6 +336,9 @@ func (c *Cache[T]) decode(ctx context.Context, key string, raw []byte, now int64
 	if err := c.cfg.codec.Unmarshal(payload, &val); err != nil {
 		c.decodeFailed(ctx, key, err)
 		return e
+	}
+	if !c.valid(ctx, key, val) { // versioning.go; counted there
+		return entry[T]{now: now}
 	}
 	e.val, e.state = val, state
 	return e
@@ -459,6 +481,7 @@ func (c *Cache[T]) encode(key string, value T, took time.Duration, negative bool
 	}
 	now := c.nowMillis()
 	hdr.WrittenAt = now
+	hdr.WriteVersion = c.writes.next()
 	hdr.FreshUntil = now + ttl.Milliseconds()
 	hdr.ExpiresAt = hdr.FreshUntil + grace.Milliseconds()
 	return envelope.Encode(hdr, payload), ttl + grace, nil

@@ -518,8 +518,8 @@ func TestRawCodec(t *testing.T) {
 		ctx := context.Background()
 		client := tgt.NewClient(t)
 		ns := redistest.Namespace(t)
-		b := newCache[[]byte](t, client, layercache.WithNamespace(ns), layercache.WithCodec(layercache.Raw))
-		s := newCache[string](t, client, layercache.WithNamespace(ns+"s"), layercache.WithCodec(layercache.Raw))
+		b := newCache[[]byte](t, client, layercache.WithNamespace(ns), layercache.WithCodec(layercache.PassThrough))
+		s := newCache[string](t, client, layercache.WithNamespace(ns+"s"), layercache.WithCodec(layercache.PassThrough))
 		payload := []byte{0, 1, 2, 0xff}
 		if err := b.Set(ctx, "b", payload); err != nil {
 			t.Fatal(err)
@@ -615,8 +615,8 @@ func TestOptionErrors(t *testing.T) {
 			t.Errorf("%s: New = %v, want ErrInvalidOption", name, err)
 		}
 	}
-	if _, err := layercache.New[user](client, layercache.WithCodec(layercache.Raw)); !errors.Is(err, layercache.ErrInvalidOption) {
-		t.Errorf("Raw codec with a struct T: %v, want ErrInvalidOption", err)
+	if _, err := layercache.New[user](client, layercache.WithCodec(layercache.PassThrough)); !errors.Is(err, layercache.ErrInvalidOption) {
+		t.Errorf("PassThrough codec with a struct T: %v, want ErrInvalidOption", err)
 	}
 	if _, err := layercache.New[user](nil); !errors.Is(err, layercache.ErrInvalidOption) {
 		t.Errorf("nil client: %v, want ErrInvalidOption", err)

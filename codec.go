@@ -22,9 +22,10 @@ type jsonCodec struct{}
 func (jsonCodec) Marshal(v any) ([]byte, error)      { return json.Marshal(v) }
 func (jsonCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
 
-// Raw is a pass-through [Codec] for caches of []byte or string: the payload
-// is the value's bytes, unchanged. Any other type is an error.
-var Raw Codec = rawCodec{}
+// PassThrough is a [Codec] for caches of []byte or string: the payload is
+// the value's bytes, unchanged. Any other type is an error. (It is not
+// called Raw: [Raw] is the layout of plain values at legacy keys.)
+var PassThrough Codec = rawCodec{}
 
 type rawCodec struct{}
 
@@ -39,7 +40,7 @@ func (rawCodec) Marshal(v any) ([]byte, error) {
 	case *string:
 		return []byte(*v), nil
 	}
-	return nil, fmt.Errorf("layercache: Raw codec takes []byte or string, not %T", v)
+	return nil, fmt.Errorf("layercache: PassThrough codec takes []byte or string, not %T", v)
 }
 
 func (rawCodec) Unmarshal(data []byte, v any) error {
@@ -51,10 +52,10 @@ func (rawCodec) Unmarshal(data []byte, v any) error {
 		*v = string(data)
 		return nil
 	}
-	return fmt.Errorf("layercache: Raw codec decodes into *[]byte or *string, not %T", v)
+	return fmt.Errorf("layercache: PassThrough codec decodes into *[]byte or *string, not %T", v)
 }
 
-// rawCodecCompatible reports whether a zero T can go through the Raw codec.
+// rawCodecCompatible reports whether a zero T can go through the PassThrough codec.
 func rawCodecCompatible(v any) bool {
 	switch v.(type) {
 	case *[]byte, *string:

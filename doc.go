@@ -21,6 +21,15 @@
 // local read is staler than the invalidation lag, and never staler than the
 // local TTL, whatever happens to the connection.
 //
+// Schema changes do not poison the cache: bump the version (or derive it
+// from T's shape, [WithVersionFromType]) and old values are upgraded on
+// read ([WithUpgradeFrom]) or purged ([Cache.PurgeVersion]); values that
+// must never be served incomplete are checked ([WithValidator]). Entries
+// may live one per key ([KeyPerEntry]), in sharded hashes ([Hash]), or as
+// plain values at keys other code writes ([Raw]); [WithMigration] moves a
+// cache between two of them in phases every process follows ([SetPhase]),
+// with rollback at any step and a reconciler ([Cache.Reconcile]).
+//
 // It works with *redis.Client, *redis.ClusterClient, *redis.Ring and the
 // failover client through [redis.UniversalClient]. No command or script
 // touches keys of two Cluster slots.

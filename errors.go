@@ -24,6 +24,10 @@ var ErrInvalidOption = errors.New("layercache: invalid option")
 // still returns the loaded value to its caller but does not cache it.
 var ErrValueTooLarge = errors.New("layercache: encoded value exceeds the maximum size")
 
+// ErrNoMigration reports a migration operation ([Cache.Reconcile]) on a
+// cache built without [WithMigration].
+var ErrNoMigration = errors.New("layercache: the cache has no migration")
+
 // ErrClosed reports a call on a [Cache] after [Cache.Close], or on a [Bus]
 // after [Bus.Close] (including attaching a cache to it).
 var ErrClosed = errors.New("layercache: cache is closed")

@@ -115,8 +115,8 @@ func ExampleWithCodec() {
 	defer stop()
 	ctx := context.Background()
 
-	// Raw passes bytes through: handy for pre-rendered pages or protobufs.
-	pages, _ := layercache.New[[]byte](rdb, layercache.WithNamespace("pages"), layercache.WithCodec(layercache.Raw))
+	// PassThrough passes bytes through: handy for pre-rendered pages or protobufs.
+	pages, _ := layercache.New[[]byte](rdb, layercache.WithNamespace("pages"), layercache.WithCodec(layercache.PassThrough))
 	defer pages.Close()
 	_ = pages.Set(ctx, "/home", []byte("<h1>hello</h1>"))
 	b, _ := pages.Get(ctx, "/home")

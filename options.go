@@ -42,6 +42,18 @@ type config struct {
 	grace        time.Duration // WithStaleWhileRevalidate: stale window
 	failSafeWait time.Duration // WithFailSafe: backoff after a failed refresh
 
+	// Schema versions (versioning.go). Typed hooks are kept as any and
+	// checked against the cache's T in New.
+	upgrades        []upgradeOption
+	validators      []validatorOption
+	versionFromType bool
+
+	// Layouts and migration (layout.go, dualread.go).
+	layout     *Layout
+	migration  *migrationOption
+	phasePoll  time.Duration // how often a migrating cache re-reads its phase
+	sweepEvery time.Duration // how often Hash layouts sweep expired fields
+
 	errs []error
 }
 
@@ -54,6 +66,8 @@ func defaultConfig() config {
 		negativeTTL: DefaultNegativeTTL,
 		loadTimeout: DefaultLoadTimeout,
 		clock:       systemClock{},
+		phasePoll:   defaultPhasePoll,
+		sweepEvery:  defaultSweepEvery,
 	}
 }
 
@@ -114,7 +128,7 @@ func WithTTLJitter(fraction float64) Option {
 }
 
 // WithCodec sets how values are encoded in Redis. The default is [JSON];
-// [Raw] passes []byte and string values through unchanged.
+// [PassThrough] passes []byte and string values through unchanged.
 func WithCodec(codec Codec) Option {
 	return func(c *config) {
 		if codec == nil {

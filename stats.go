@@ -67,6 +67,18 @@ type Stats struct {
 	// Set or Delete; InvalidationsReceived the keys other nodes' messages
 	// dropped from its local tier.
 	InvalidationsSent, InvalidationsReceived uint64
+
+	// Upgrades counts reads answered by upgrading a value found at an
+	// older version (WithUpgradeFrom), without a load; UpgradeErrors the
+	// older values that could not be upgraded (each then a miss).
+	Upgrades, UpgradeErrors uint64
+	// ValidationFailures counts values read from Redis that a
+	// WithValidator check rejected; each was a miss.
+	ValidationFailures uint64
+	// Swept counts expired fields deleted by the Hash layout's sweep.
+	Swept uint64
+	// Migration counts a migrating cache's reads and writes per side.
+	Migration MigrationStats
 }
 
 // counters is the live, lock-free form of Stats.
@@ -82,6 +94,9 @@ type counters struct {
 
 	localBypasses, localFlushes              atomic.Uint64
 	invalidationsSent, invalidationsReceived atomic.Uint64
+
+	upgrades, upgradeErrors, validationFailures atomic.Uint64
+	swept                                       atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -115,5 +130,10 @@ func (c *counters) snapshot() Stats {
 		LocalFlushes:          c.localFlushes.Load(),
 		InvalidationsSent:     c.invalidationsSent.Load(),
 		InvalidationsReceived: c.invalidationsReceived.Load(),
+
+		Upgrades:           c.upgrades.Load(),
+		UpgradeErrors:      c.upgradeErrors.Load(),
+		ValidationFailures: c.validationFailures.Load(),
+		Swept:              c.swept.Load(),
 	}
 }

@@ -15,7 +15,11 @@ import (
 type store interface {
 	// get returns the envelope stored for key, or (nil, nil) when absent.
 	get(ctx context.Context, key string) ([]byte, error)
-	// set stores env for key; ttl is the physical lifetime (fresh + grace).
+	// set stores env for key as a new write; ttl is the physical lifetime
+	// (fresh + grace). It replaces what the key holds; the write version
+	// stored is env's, or one past the key's current version if that is
+	// not older (writeFresh in layout.go), so versions of one key grow in
+	// the order writes land.
 	set(ctx context.Context, key string, env []byte, ttl time.Duration) error
 	// del removes the values of keys and anything tied to them (leases).
 	// Keys may fall in different Cluster slots.
@@ -72,7 +76,8 @@ func (s *keyPerEntryStore) get(ctx context.Context, key string) ([]byte, error) 
 }
 
 func (s *keyPerEntryStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	return s.client.Set(ctx, s.keys.entry(key), env, physicalTTL(ttl)).Err()
+	_, _, err := s.write(ctx, key, env, ttl, writeFresh)
+	return err
 }
 
 func (s *keyPerEntryStore) del(ctx context.Context, keys []string) error {

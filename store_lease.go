@@ -71,10 +71,11 @@ func (s *keyPerEntryStore) renewLease(ctx context.Context, key, token string, tt
 	return n == 1, err
 }
 
+// fillLeased and setBreakingLease are fresh versioned writes (see
+// layout_lease.go for fillVersioned and overwrite).
 func (s *keyPerEntryStore) fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error) {
-	n, err := scripts.Fill.Run(ctx, s.client, s.leaseKeys(key), token, env, physicalTTL(ttl).Milliseconds(),
-		publishCommand(s.client), s.noticeChannel(key)).Int()
-	return n == 1, err
+	_, ok, err := s.fillVersioned(ctx, key, token, env, ttl)
+	return ok, err
 }
 
 func (s *keyPerEntryStore) releaseLease(ctx context.Context, key, token string) error {
@@ -82,8 +83,8 @@ func (s *keyPerEntryStore) releaseLease(ctx context.Context, key, token string) 
 }
 
 func (s *keyPerEntryStore) setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	return scripts.Overwrite.Run(ctx, s.client, s.leaseKeys(key), env, physicalTTL(ttl).Milliseconds(),
-		publishCommand(s.client), s.noticeChannel(key)).Err()
+	_, err := s.overwrite(ctx, key, env, ttl)
+	return err
 }
 
 func (s *keyPerEntryStore) noticeChannel(key string) string { return s.keys.notice(key) }

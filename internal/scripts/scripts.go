@@ -1,4 +1,5 @@
-// Package scripts holds the Lua scripts of layercache's Redis lease.
+// Package scripts holds the Lua scripts of layercache: the Redis lease
+// (this file) and the versioned writes of the layouts (layouts.go).
 //
 // Every script takes a key's value and lease as KEYS[1] and KEYS[2]; both
 // carry the key's hash tag, and the notice channel a script publishes to
@@ -60,17 +61,18 @@ return 0
 //	ARGV[1] token, ARGV[2] envelope, ARGV[3] value TTL in ms,
 //	ARGV[4] publish command, ARGV[5] notice channel
 //
-// It returns 1 when the value was written, 0 when the lease was lost. A lost
+// It returns the stored write version (8 bytes; the write is fresh, see
+// Lib) when the value was written, 0 when the lease was lost. A lost
 // lease that nobody holds any more (a Delete or Set broke it) still gets a
 // notice, so that waiters stop waiting for a fill that will not come; a
 // lease held by another token is left alone, its holder will notify.
-var Fill = redis.NewScript(`
+var Fill = redis.NewScript(Lib + `
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
-	redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+	local v = kvput(KEYS[1], ARGV[2], ARGV[3], 'f')
 	redis.call('DEL', KEYS[2])
 	redis.call(ARGV[4], ARGV[5], 'filled')
-	return 1
+	return v
 end
 if not holder then
 	redis.call(ARGV[4], ARGV[5], 'released')
@@ -100,10 +102,12 @@ return 0
 //	KEYS[1] value, KEYS[2] lease
 //	ARGV[1] envelope, ARGV[2] value TTL in ms,
 //	ARGV[3] publish command, ARGV[4] notice channel
-var Overwrite = redis.NewScript(`
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+//
+// The write is fresh (see Lib); it returns the stored write version.
+var Overwrite = redis.NewScript(Lib + `
+local v = kvput(KEYS[1], ARGV[1], ARGV[2], 'f')
 if redis.call('DEL', KEYS[2]) == 1 then
 	redis.call(ARGV[3], ARGV[4], 'broken')
 end
-return 1
+return v
 `)

@@ -1,0 +1,534 @@
+package layercache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/layercache/layercache/internal/envelope"
+	"github.com/redis/go-redis/v9"
+)
+
+// Phase is a step of a migration between two layouts. Every cache with the
+// migration reads the phase from one control key in Redis (see [SetPhase])
+// and follows a change within a second:
+//
+//	phase          writes                     reads
+//	Old            old (new side invalidated) old
+//	DualWrite      both, old first            old
+//	ReadOldFirst   both, old first            old, else new (and backfill old)
+//	ReadNewFirst   both, new first            new, else old (and backfill new)
+//	NewOnly        new (old side invalidated) new
+//
+// Any phase may step back (rollback). While writes go to both sides, the
+// old side stays complete enough for old code to run on it alone. In the
+// single-write phases the other side's copy of a written key is deleted,
+// so that it never holds a value older than the written one when reads
+// come back to it; it is left incomplete, which a repairing [Cache.Reconcile]
+// fills before reads depend on it alone (see the runbook in the README).
+type Phase int32
+
+// The phases of a migration, in order. A migration that was never set is
+// in PhaseOld.
+const (
+	PhaseOld Phase = iota
+	PhaseDualWrite
+	PhaseReadOldFirst
+	PhaseReadNewFirst
+	PhaseNewOnly
+)
+
+var phaseNames = [...]string{"old", "dual-write", "read-old-first", "read-new-first", "new-only"}
+
+// String returns the phase's name as stored in the control key: "old",
+// "dual-write", "read-old-first", "read-new-first" or "new-only".
+func (p Phase) String() string {
+	if p.valid() {
+		return phaseNames[p]
+	}
+	return fmt.Sprintf("Phase(%d)", int32(p))
+}
+
+func (p Phase) valid() bool { return p >= PhaseOld && p <= PhaseNewOnly }
+
+// ParsePhase returns the phase named s (see [Phase.String]).
+func ParsePhase(s string) (Phase, error) {
+	for i, n := range phaseNames {
+		if n == s {
+			return Phase(i), nil
+		}
+	}
+	return 0, fmt.Errorf("%w: unknown migration phase %q (want old, dual-write, read-old-first, read-new-first or new-only)", ErrInvalidOption, s)
+}
+
+// PhaseKey returns the Redis key that holds the phase of the migration
+// name: "layercache-migration:{name}". A namespace may not contain '{', so
+// it never collides with a cache's keys.
+func PhaseKey(name string) string { return "layercache-migration:{" + name + "}" }
+
+// SetPhase stores the phase of the migration name. Every cache built with
+// [WithMigration](name, ...) on the same Redis follows it within a second.
+// Any phase may follow any other; step one phase at a time, and reconcile
+// before a side becomes the only one read (see [Cache.Reconcile]).
+func SetPhase(ctx context.Context, client redis.UniversalClient, name string, p Phase) error {
+	if client == nil {
+		return fmt.Errorf("%w: SetPhase needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	if err := checkName("SetPhase migration name", name); err != nil {
+		return err
+	}
+	if !p.valid() {
+		return fmt.Errorf("%w: SetPhase(%q, %v): not a phase", ErrInvalidOption, name, p)
+	}
+	if err := client.Set(ctx, PhaseKey(name), p.String(), 0).Err(); err != nil {
+		return fmt.Errorf("layercache: set phase of %q: %w", name, err)
+	}
+	return nil
+}
+
+// GetPhase reads the phase of the migration name from Redis: [PhaseOld]
+// if it was never set.
+func GetPhase(ctx context.Context, client redis.UniversalClient, name string) (Phase, error) {
+	if client == nil {
+		return 0, fmt.Errorf("%w: GetPhase needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	if err := checkName("GetPhase migration name", name); err != nil {
+		return 0, err
+	}
+	s, err := client.Get(ctx, PhaseKey(name)).Result()
+	if errors.Is(err, redis.Nil) {
+		return PhaseOld, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("layercache: get phase of %q: %w", name, err)
+	}
+	p, err := ParsePhase(s)
+	if err != nil {
+		return 0, fmt.Errorf("layercache: phase key %s holds %q: %w", PhaseKey(name), s, err)
+	}
+	return p, nil
+}
+
+type migrationOption struct {
+	name     string
+	from, to Layout
+}
+
+// WithMigration makes the cache keep its entries in two layouts, from (the
+// old side) and to (the new side), and read and write them as the phase of
+// the migration name says (see [Phase]). It starts a goroutine, stopped by
+// [Cache.Close], that re-reads the phase every half second. Until the
+// phase has been read once, the first read or write reads it.
+//
+// Both sides of a write carry the same envelope: the same absolute expiry
+// and write version. The first side takes a new write version; the second
+// is written set-if-newer, so retried or reordered dual writes leave both
+// sides holding the same, newest value. A dual write costs three round
+// trips (the second side's version is read first, so that writers' clocks
+// need not agree), a write in a single-side phase two (the other side's
+// copy is deleted), a read one, a fallback read two, a backfill one more.
+// [Stats].Migration counts reads, hits, misses, fallbacks, backfills and
+// errors per side.
+//
+// It cannot be combined with [WithLayout]. name takes the characters of
+// [WithNamespace].
+func WithMigration(name string, from, to Layout) Option {
+	return func(c *config) {
+		if err := checkName("WithMigration name", name); err != nil {
+			c.errs = append(c.errs, err)
+			return
+		}
+		for _, l := range []Layout{from, to} {
+			if l.err != nil {
+				c.errs = append(c.errs, fmt.Errorf("WithMigration(%q): %w", name, l.err))
+				return
+			}
+		}
+		if from.equal(to) {
+			c.fail("WithMigration(%q, %v, %v): the two layouts are the same", name, from, to)
+			return
+		}
+		c.migration = &migrationOption{name: name, from: from, to: to}
+	}
+}
+
+// Phase returns the phase this cache last read for its migration:
+// [PhaseOld] until it has read one, and for a cache without
+// [WithMigration].
+func (c *Cache[T]) Phase() Phase {
+	if c.mig == nil {
+		return PhaseOld
+	}
+	return Phase(c.mig.phase.Load())
+}
+
+// ---- the phase follower ----
+
+const defaultPhasePoll = 500 * time.Millisecond
+
+// migration is a cache's view of its migration's phase, and the per-side
+// counters.
+type migration struct {
+	name   string
+	key    string
+	client redis.UniversalClient
+	every  time.Duration
+	log    *slog.Logger
+
+	phase atomic.Int32
+	known atomic.Bool
+	mu    sync.Mutex    // one control-key read at a time
+	poke  chan struct{} // asks the follower to re-read now
+
+	sides   [2]sideCounters // old, new
+	changes atomic.Uint64
+	logErr  throttledLog
+}
+
+func newMigration(name string, client redis.UniversalClient, every time.Duration, log *slog.Logger) *migration {
+	return &migration{name: name, key: PhaseKey(name), client: client, every: every, log: log,
+		poke: make(chan struct{}, 1)}
+}
+
+// current returns the phase, reading it from Redis if it never was.
+func (m *migration) current(ctx context.Context) (Phase, error) {
+	if m.known.Load() {
+		return Phase(m.phase.Load()), nil
+	}
+	return m.refresh(ctx)
+}
+
+// refresh reads the control key and adopts what it holds.
+func (m *migration) refresh(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, err := GetPhase(ctx, m.client, m.name)
+	if err != nil {
+		if m.known.Load() {
+			// Keep following the last phase read: a node that cannot
+			// reach the control key cannot reach the data either.
+			return Phase(m.phase.Load()), err
+		}
+		return 0, err
+	}
+	old := Phase(m.phase.Swap(int32(p)))
+	if m.known.Swap(true) && old != p {
+		m.changes.Add(1)
+		m.log.LogAttrs(ctx, slog.LevelInfo, "layercache: migration phase changed",
+			slog.String("migration", m.name), slog.String("from", old.String()), slog.String("to", p.String()))
+	}
+	return p, nil
+}
+
+// notify asks the follower to re-read the phase now instead of at its next
+// tick. It never blocks. This is the hook for an invalidation Bus: a Bus
+// that carries a "phase changed" notice calls it, and the control key
+// stays the only source of truth (a forged notice costs one GET).
+func (m *migration) notify() {
+	select {
+	case m.poke <- struct{}{}:
+	default:
+	}
+}
+
+// follow re-reads the phase every m.every (with ±10% jitter, so that a
+// fleet does not read in lockstep) or when notified, until ctx ends.
+func (m *migration) follow(ctx context.Context) {
+	t := time.NewTimer(0) // read at once: most caches start before their first request
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-m.poke:
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
+		}
+		rctx, cancel := context.WithTimeout(ctx, max(m.every, time.Second))
+		if _, err := m.refresh(rctx); err != nil && ctx.Err() == nil {
+			m.logErr.log(ctx, m.log, slog.LevelWarn, "layercache: cannot read the migration phase; keeping the last one",
+				slog.String("migration", m.name), slog.Any("err", err))
+		}
+		cancel()
+		t.Reset(time.Duration(float64(m.every) * (0.9 + 0.2*rand.Float64())))
+	}
+}
+
+// ---- per-side counters ----
+
+// SideStats counts the traffic of one side of a migration.
+type SideStats struct {
+	// Reads counts reads of this side; Hits those that found a value
+	// (fresh or within its grace), Misses those that did not.
+	Reads, Hits, Misses uint64
+	// Fallbacks counts reads of this side made because the preferred
+	// side missed or failed.
+	Fallbacks uint64
+	// Backfills counts values copied into this side after a fallback read
+	// found them on the other side.
+	Backfills uint64
+	// Writes counts values written to this side (fresh writes and
+	// copies, not backfills); Invalidations the deletes of this side's
+	// copy made by writes in a phase that writes only the other side.
+	Writes, Invalidations uint64
+	// Errors counts failed Redis commands on this side.
+	Errors uint64
+}
+
+// MigrationStats counts a migrating cache's traffic per side.
+type MigrationStats struct {
+	// Name is the migration's name; empty for a cache without one.
+	Name string
+	// Phase is the phase the cache follows.
+	Phase Phase
+	// PhaseChanges counts the phase changes this cache has seen.
+	PhaseChanges uint64
+	// Old and New count each side's traffic.
+	Old, New SideStats
+}
+
+type sideCounters struct {
+	reads, hits, misses, fallbacks, backfills, writes, invalidations, errors atomic.Uint64
+}
+
+func (s *sideCounters) snapshot() SideStats {
+	return SideStats{
+		Reads: s.reads.Load(), Hits: s.hits.Load(), Misses: s.misses.Load(),
+		Fallbacks: s.fallbacks.Load(), Backfills: s.backfills.Load(),
+		Writes: s.writes.Load(), Invalidations: s.invalidations.Load(), Errors: s.errors.Load(),
+	}
+}
+
+func (m *migration) snapshot() MigrationStats {
+	if m == nil {
+		return MigrationStats{}
+	}
+	return MigrationStats{Name: m.name, Phase: Phase(m.phase.Load()), PhaseChanges: m.changes.Load(),
+		Old: m.sides[0].snapshot(), New: m.sides[1].snapshot()}
+}
+
+// ---- the dual store ----
+
+const (
+	sideOld = 0
+	sideNew = 1
+)
+
+// dualStore is the store of a migrating cache: two layout stores, used as
+// the current phase says.
+type dualStore struct {
+	sides [2]layoutStore // old, new
+	mig   *migration
+	now   func() int64
+}
+
+// authority returns the side that is authoritative in phase p: the one
+// read first, written first, and copied from by a repair.
+func authority(p Phase) int {
+	if p >= PhaseReadNewFirst {
+		return sideNew
+	}
+	return sideOld
+}
+
+func (d *dualStore) get(ctx context.Context, key string) ([]byte, error) {
+	p, err := d.mig.current(ctx)
+	if err != nil {
+		return nil, err
+	}
+	switch p {
+	case PhaseOld, PhaseDualWrite:
+		b, _, err := d.read(ctx, sideOld, key, false)
+		return b, err
+	case PhaseNewOnly:
+		b, _, err := d.read(ctx, sideNew, key, false)
+		return b, err
+	}
+	pref := authority(p)
+	alt := 1 - pref
+	b, hit, perr := d.read(ctx, pref, key, false)
+	if hit {
+		return b, nil
+	}
+	ab, ahit, aerr := d.read(ctx, alt, key, true)
+	if !ahit {
+		if perr != nil {
+			return nil, perr
+		}
+		if aerr != nil {
+			return nil, aerr
+		}
+		return b, nil // the preferred side's miss, as it was (absent or expired)
+	}
+	if perr == nil {
+		d.backfill(ctx, pref, key, ab)
+	}
+	return ab, nil
+}
+
+// read reads one side and counts it. hit is true for a usable envelope.
+func (d *dualStore) read(ctx context.Context, side int, key string, fallback bool) ([]byte, bool, error) {
+	s := &d.mig.sides[side]
+	b, err := d.sides[side].get(ctx, key)
+	// Counted when done, so that a snapshot never shows reads without
+	// their outcome.
+	s.reads.Add(1)
+	if fallback {
+		s.fallbacks.Add(1)
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			s.errors.Add(1)
+		}
+		return nil, false, err
+	}
+	if usable(b, d.now()) {
+		s.hits.Add(1)
+		return b, true, nil
+	}
+	s.misses.Add(1)
+	return b, false, nil
+}
+
+// backfill copies env, found on the other side, into side: set-if-newer,
+// so that it never replaces a write that landed after the fallback read.
+func (d *dualStore) backfill(ctx context.Context, side int, key string, env []byte) {
+	h, _, err := envelope.Decode(env)
+	if err != nil {
+		return
+	}
+	ttl := time.Duration(h.ExpiresAt-d.now()) * time.Millisecond
+	if ttl <= 0 {
+		return
+	}
+	s := &d.mig.sides[side]
+	_, ok, err := d.sides[side].write(ctx, key, env, ttl, writeCopy)
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			s.errors.Add(1)
+		}
+	case ok:
+		s.backfills.Add(1)
+	}
+}
+
+func (d *dualStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+	_, _, err := d.write(ctx, key, env, ttl, writeFresh)
+	return err
+}
+
+// write applies a write as the phase says.
+//
+// Write versions come from the writers' clocks, which may disagree, so a
+// fresh write must be proposed past whatever the side it does not write
+// first holds; otherwise, landing on an empty first side, it could get a
+// version below an older value on the other side, lose its copy there and
+// lose to a backfill of that older value. Hence:
+//
+//   - Dual phases: read the second side's version, write the first
+//     (authoritative) side fresh, proposing past it, then copy the same
+//     envelope, with the version the first side stored, to the second
+//     side set-if-newer. Three round trips. Retried or reordered dual
+//     writes leave both sides at the highest version either applied.
+//   - Single-side phases: take the other side's copy (delete it, reading
+//     its version, in one script), then write the active side fresh,
+//     proposing past it. Two round trips. The other side is left without
+//     the key, never with an older value.
+//
+// Copies (mode writeCopy: upgrades) are set-if-newer on every side they
+// go to and need neither step. A write fails if any step fails; the
+// caller learns that the sides may differ, which a reconcile repairs.
+func (d *dualStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
+	p, err := d.mig.current(ctx)
+	if err != nil {
+		return 0, false, err
+	}
+	first := authority(p)
+	second := 1 - first
+	single := p == PhaseOld || p == PhaseNewOnly
+	if mode == writeFresh {
+		var other uint64
+		if single {
+			other, err = d.sides[second].take(ctx, key)
+			if err == nil {
+				d.mig.sides[second].invalidations.Add(1)
+			}
+		} else {
+			other, err = d.sides[second].version(ctx, key)
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				d.mig.sides[second].errors.Add(1)
+			}
+			return 0, false, fmt.Errorf("%s side (%v): %w", sideName(second), d.sides[second].layout(), err)
+		}
+		env = proposePast(env, other)
+	}
+	v, ok, err := d.writeSide(ctx, first, key, env, ttl, mode)
+	if err != nil || !ok || single {
+		return v, ok, err
+	}
+	if v != headerVersion(env) {
+		env = withWriteVersion(env, v)
+	}
+	_, _, err = d.writeSide(ctx, second, key, env, ttl, writeCopy)
+	return v, ok, err
+}
+
+// proposePast returns env with its proposed write version raised, if
+// needed, to one counter step past other (keeping env's writer id).
+func proposePast(env []byte, other uint64) []byte {
+	p := headerVersion(env)
+	if other>>16 < p>>16 {
+		return env
+	}
+	return withWriteVersion(env, (other>>16+1)<<16|p&0xffff)
+}
+
+func (d *dualStore) writeSide(ctx context.Context, side int, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
+	s := &d.mig.sides[side]
+	v, ok, err := d.sides[side].write(ctx, key, env, ttl, mode)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.errors.Add(1)
+		}
+		return v, ok, fmt.Errorf("%s side (%v): %w", sideName(side), d.sides[side].layout(), err)
+	}
+	if ok {
+		s.writes.Add(1)
+	}
+	return v, ok, nil
+}
+
+// del deletes from both sides in every phase: a value left on the side
+// not read now would come back, stale, on the next phase change.
+func (d *dualStore) del(ctx context.Context, keys []string) error {
+	var errs []error
+	for side := range d.sides {
+		if err := d.sides[side].del(ctx, keys); err != nil {
+			if ctx.Err() == nil {
+				d.mig.sides[side].errors.Add(1)
+			}
+			errs = append(errs, fmt.Errorf("%s side: %w", sideName(side), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func sideName(side int) string {
+	if side == sideNew {
+		return "new"
+	}
+	return "old"
+}
