@@ -102,6 +102,9 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 	// Last: it starts background work (phase follower, sweeps) and cannot
 	// fail, so a failed New leaves nothing running.
 	c.store = c.buildStore(upgrades)
+	if c.mig != nil && c.bus != nil {
+		c.bus.followPhase(c.mig) // Bus.SetPhase reaches this cache at once
+	}
 	if cfg.lockTTL > 0 {
 		c.notices = newNoticeHub(c.closeCtx, client, c.log)
 	}

@@ -50,6 +50,7 @@ type Bus struct {
 
 	mu     sync.RWMutex
 	routes map[string][]busTier
+	phases map[string][]*migration // migration name -> its followers in this process
 	up     bool          // subscribed and current: local hits on
 	upCh   chan struct{} // closed when up turns true; replaced when it turns false
 	closed bool
@@ -58,6 +59,7 @@ type Bus struct {
 	pubMu   sync.Mutex
 	pending map[string]*pendingRoute
 	npend   int
+	phased  map[string]struct{} // migrations whose phase change is to be announced
 	kick    chan struct{}
 
 	ctx       context.Context // cancelled by Close
@@ -243,6 +245,8 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		client:  client,
 		cfg:     cfg,
 		routes:  make(map[string][]busTier),
+		phases:  make(map[string][]*migration),
+		phased:  make(map[string]struct{}),
 		upCh:    make(chan struct{}),
 		pending: make(map[string]*pendingRoute),
 		kick:    make(chan struct{}, 1),
@@ -352,6 +356,62 @@ func (b *Bus) detach(route string, t busTier) {
 	}
 }
 
+// followPhase registers a migration's follower: a phase notice for its
+// name (from any node) makes it re-read the control key at once.
+func (b *Bus) followPhase(m *migration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.phases[m.name] = append(b.phases[m.name], m)
+}
+
+// unfollowPhase undoes followPhase.
+func (b *Bus) unfollowPhase(m *migration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ms := b.phases[m.name]
+	for i, x := range ms {
+		if x == m {
+			ms = append(ms[:i:i], ms[i+1:]...)
+			break
+		}
+	}
+	if len(ms) == 0 {
+		delete(b.phases, m.name)
+	} else {
+		b.phases[m.name] = ms
+	}
+}
+
+// SetPhase moves the migration name to phase p, like the package-level
+// [SetPhase], and announces the change on the bus: every cache of that
+// migration attached to a bus on the same channel or stream re-reads the
+// control key at once, instead of at its next poll (up to about half a
+// second later). The control key stays the only source of truth; the
+// announcement carries no phase, so a lost one only means the poll decides.
+// It returns once the control key is written; the announcement is sent in
+// the background like invalidations.
+func (b *Bus) SetPhase(ctx context.Context, name string, p Phase) error {
+	if b.ctx.Err() != nil {
+		return fmt.Errorf("%w: Bus.SetPhase on a closed Bus", ErrClosed)
+	}
+	if err := SetPhase(ctx, b.client, name, p); err != nil {
+		return err
+	}
+	b.mu.RLock()
+	for _, m := range b.phases[name] {
+		m.notify() // this process hears nothing of its own messages
+	}
+	b.mu.RUnlock()
+	b.pubMu.Lock()
+	b.phased[name] = struct{}{}
+	b.pubMu.Unlock()
+	select {
+	case b.kick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
 // publish drops keys from the other local tiers of route in this process
 // at once, and queues them for the other nodes. from (the writer's own
 // tier, which it invalidated itself) is skipped.
@@ -404,10 +464,14 @@ func (b *Bus) enqueueLocked(route string, keys []string, flush bool) {
 func (b *Bus) takePending() []busmsg.Item {
 	b.pubMu.Lock()
 	defer b.pubMu.Unlock()
-	if len(b.pending) == 0 {
+	if len(b.pending) == 0 && len(b.phased) == 0 {
 		return nil
 	}
-	items := make([]busmsg.Item, 0, len(b.pending))
+	items := make([]busmsg.Item, 0, len(b.pending)+len(b.phased))
+	for name := range b.phased {
+		items = append(items, busmsg.Item{Kind: busmsg.KindPhase, Route: name})
+	}
+	clear(b.phased)
 	for route, p := range b.pending {
 		if p.flush {
 			items = append(items, busmsg.Item{Kind: busmsg.KindFlush, Route: route})
@@ -426,6 +490,10 @@ func (b *Bus) requeue(items []busmsg.Item) {
 	b.pubMu.Lock()
 	defer b.pubMu.Unlock()
 	for _, it := range items {
+		if it.Kind == busmsg.KindPhase {
+			b.phased[it.Route] = struct{}{}
+			continue
+		}
 		b.enqueueLocked(it.Route, it.Keys, it.Kind == busmsg.KindFlush)
 	}
 }
@@ -588,6 +656,12 @@ func (b *Bus) handle(payload []byte) {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	for _, it := range m.Items {
+		if it.Kind == busmsg.KindPhase {
+			for _, mig := range b.phases[it.Route] {
+				mig.notify()
+			}
+			continue
+		}
 		b.stats.receivedKeys.Add(uint64(len(it.Keys)))
 		for _, t := range b.routes[it.Route] {
 			if it.Kind == busmsg.KindFlush {

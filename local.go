@@ -344,6 +344,9 @@ func (c *Cache[T]) invalidate(keys ...string) {
 func (c *Cache[T]) closeTiers() {
 	if c.bus != nil {
 		c.bus.detach(c.route, c.busTier())
+		if c.mig != nil {
+			c.bus.unfollowPhase(c.mig)
+		}
 	}
 	if c.local != nil {
 		c.local.close()

@@ -16,6 +16,7 @@
 //
 //	KindInvalidate  uvarint route length, route, then keys, each a uvarint length and the bytes
 //	KindFlush       uvarint route length, route
+//	KindPhase       uvarint route length, route (a migration name)
 //
 // The magic, the flags byte at offset 2 and the MAC as the last 16 bytes are
 // the framing every later version keeps, so that a reader can authenticate a
@@ -57,6 +58,10 @@ const (
 	KindInvalidate Kind = 1
 	// KindFlush drops every entry of the local tiers of a route.
 	KindFlush Kind = 2
+	// KindPhase says that the phase of the migration named by the route
+	// changed. It carries no phase: receivers re-read the control key, the
+	// only source of truth, so a replayed or stray notice costs one GET.
+	KindPhase Kind = 3
 )
 
 // Errors returned by Decode. They never carry the input bytes.
@@ -245,7 +250,7 @@ func Decode(b []byte, secret []byte) (Message, error) {
 		}
 		body := p[1+n : 1+n+int(bodyLen)]
 		p = p[1+n+int(bodyLen):]
-		if kind != KindInvalidate && kind != KindFlush {
+		if kind != KindInvalidate && kind != KindFlush && kind != KindPhase {
 			continue // a newer writer's kind: skip it
 		}
 		route, rest, ok := field(body, maxRouteLen)
@@ -253,7 +258,7 @@ func Decode(b []byte, secret []byte) (Message, error) {
 			return m, ErrMalformed
 		}
 		it := Item{Kind: kind, Route: route}
-		if kind == KindFlush {
+		if kind != KindInvalidate {
 			if len(rest) != 0 {
 				return m, ErrMalformed
 			}

@@ -16,6 +16,7 @@ func TestRoundTrip(t *testing.T) {
 	items := []Item{
 		{Kind: KindInvalidate, Route: "users:v1", Keys: []string{"1", "2", "k}{\x00\xff"}},
 		{Kind: KindFlush, Route: "flags:v3"},
+		{Kind: KindPhase, Route: "catalog"},
 		{Kind: KindInvalidate, Route: "flags:v3", Keys: []string{strings.Repeat("x", MaxKeyLen)}},
 	}
 	for _, secret := range [][]byte{nil, []byte("0123456789abcdef")} {
