@@ -51,8 +51,8 @@ type Bus struct {
 	mu     sync.RWMutex
 	routes map[string][]busTier
 	phases map[string][]*migration // migration name -> its followers in this process
-	up     bool          // subscribed and current: local hits on
-	upCh   chan struct{} // closed when up turns true; replaced when it turns false
+	up     bool                    // subscribed and current: local hits on
+	upCh   chan struct{}           // closed when up turns true; replaced when it turns false
 	closed bool
 	ps     *redis.PubSub // the live subscription, closed by Close to unblock the reader
 
