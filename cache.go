@@ -31,8 +31,9 @@ type Cache[T any] struct {
 	flights flightGroup[T]
 	stats   counters
 
-	notices *noticeHub // lease notices; nil without WithLocks
-	refresh refresher  // background refreshes and fail-safe backoff
+	notices       *noticeHub // lease notices; nil without WithLocks
+	sharedNotices bool       // notices belongs to the bus, which closes it
+	refresh       refresher  // background refreshes and fail-safe backoff
 
 	// local is the in-process tier (WithLocal) and bus the invalidation
 	// bus (WithInvalidation); either may be nil. route names this cache on
@@ -106,7 +107,14 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		c.bus.followPhase(c.mig) // Bus.SetPhase reaches this cache at once
 	}
 	if cfg.lockTTL > 0 {
-		c.notices = newNoticeHub(c.closeCtx, client, c.log)
+		if c.bus != nil && c.bus.client == client {
+			// One notice subscription per process, through the bus. Only
+			// on the bus's own client: another client may be another
+			// deployment, or differ in sharded versus plain pub/sub.
+			c.notices, c.sharedNotices = c.bus.leaseNotices(), true
+		} else {
+			c.notices = newNoticeHub(c.closeCtx, client, c.log)
+		}
 	}
 	return c, nil
 }
@@ -266,7 +274,7 @@ func (c *Cache[T]) Close() error {
 		c.closeFn()
 		c.flights.close()
 		c.refresh.close()
-		if c.notices != nil {
+		if c.notices != nil && !c.sharedNotices {
 			c.notices.close()
 		}
 		c.closeTiers()

@@ -51,10 +51,13 @@ type Bus struct {
 	mu     sync.RWMutex
 	routes map[string][]busTier
 	phases map[string][]*migration // migration name -> its followers in this process
-	up     bool                    // subscribed and current: local hits on
-	upCh   chan struct{}           // closed when up turns true; replaced when it turns false
-	closed bool
-	ps     *redis.PubSub // the live subscription, closed by Close to unblock the reader
+	// notices is the lease-notice subscription shared by the attached
+	// caches that use WithLocks on the bus's own client; made on first use.
+	notices *noticeHub
+	up      bool          // subscribed and current: local hits on
+	upCh    chan struct{} // closed when up turns true; replaced when it turns false
+	closed  bool
+	ps      *redis.PubSub // the live subscription, closed by Close to unblock the reader
 
 	pubMu   sync.Mutex
 	pending map[string]*pendingRoute
@@ -206,6 +209,12 @@ func WithBusLogger(logger *slog.Logger) BusOption {
 // its local tier ([WithLocal]). A cache without a local tier only publishes.
 // Caches are routed by namespace and version, so any number may share a
 // bus. Attaching does no I/O.
+//
+// The bus also carries what the process's caches hear from other nodes
+// besides invalidations: migration phase announcements ([Bus.SetPhase]),
+// and, for caches built on the bus's own client with [WithLocks], lease
+// fill notices, so that a process keeps one notice subscription for all
+// its caches rather than one per cache.
 func WithInvalidation(bus *Bus) Option {
 	return func(c *config) {
 		if bus == nil {
@@ -309,11 +318,16 @@ func (b *Bus) Close() error {
 			}
 		}
 		ps := b.ps
+		notices := b.notices
 		b.mu.Unlock()
 		b.cancel()
 		if ps != nil {
 			// Unblocks a reader waiting in ReceiveTimeout.
 			_ = ps.Close()
+		}
+		if notices != nil {
+			// Waiters of caches still open poll from now on.
+			notices.close()
 		}
 		b.wg.Wait()
 		b.clock.close()
@@ -354,6 +368,22 @@ func (b *Bus) detach(route string, t busTier) {
 	} else {
 		b.routes[route] = tiers
 	}
+}
+
+// leaseNotices returns the bus's lease-notice subscription, so that every
+// cache of the process waits for fills through one subscription (one
+// connection per Cluster master) instead of one per cache. Its waiters
+// return through their own cache's context; only Close of the bus closes it.
+func (b *Bus) leaseNotices() *noticeHub {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.notices == nil {
+		b.notices = newNoticeHub(b.ctx, b.client, b.log)
+		if b.closed {
+			b.notices.close()
+		}
+	}
+	return b.notices
 }
 
 // followPhase registers a migration's follower: a phase notice for its

@@ -1,0 +1,99 @@
+package layercache
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/layercache/layercache/internal/redistest"
+)
+
+// TestLeaseNoticesShareTheBus: caches on one bus and its client share one
+// notice subscription, and waiters in other processes are still woken by
+// the fill (a 30s lease: were they not, they would wait for it to expire).
+func TestLeaseNoticesShareTheBus(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		ns := redistest.Namespace(t)
+		const procs = 4
+		var loads atomic.Int64
+		caches := make([]*Cache[string], procs)
+		for i := range caches {
+			client := tgt.NewClient(t)
+			bus, err := NewBus(client, WithChannel(ns+":bus"), WithBusLogger(discardLogger()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = bus.Close() })
+			opts := []Option{WithLocks(30*time.Second, 10*time.Second), WithInvalidation(bus), WithLogger(discardLogger())}
+			a, err := New[string](client, append(opts, WithNamespace(ns))...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := New[string](client, append(opts, WithNamespace(ns+"b"))...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+			if a.notices == nil || a.notices != b.notices || a.notices != bus.notices {
+				t.Fatal("caches on one bus and client do not share the bus's notice subscription")
+			}
+			caches[i] = a
+		}
+		start := time.Now()
+		var wg sync.WaitGroup
+		errs := make(chan error, procs*20)
+		for _, c := range caches {
+			for range 20 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					v, err := c.Fetch(ctx, "cold", func(context.Context) (string, error) {
+						loads.Add(1)
+						time.Sleep(100 * time.Millisecond)
+						return "v", nil
+					})
+					if err == nil && v != "v" {
+						t.Errorf("got %q", v)
+					}
+					errs <- err
+				}()
+			}
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := loads.Load(); n != 1 {
+			t.Fatalf("%d loads across %d processes, want 1", n, procs)
+		}
+		if took := time.Since(start); took > 5*time.Second {
+			t.Fatalf("callers served after %v: waiters were not woken by the fill notice", took)
+		}
+	})
+}
+
+func TestLeaseNoticesOwnHubOnAnotherClient(t *testing.T) {
+	tgt := redistest.Miniredis(t)
+	bus, err := NewBus(tgt.NewClient(t), WithBusLogger(discardLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	c, err := New[string](tgt.NewClient(t), WithLocks(time.Second, time.Second), WithInvalidation(bus), WithLogger(discardLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.notices == nil || c.notices == bus.notices || c.sharedNotices {
+		t.Fatal("a cache on another client than its bus's must keep its own notice subscription")
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
