@@ -211,7 +211,9 @@ func WithClock(clock Clock) Option {
 // renews the lease while the load runs, and caches the value with a script
 // that writes only if its token still holds the lease; the script releases
 // the lease and publishes a notice. Other processes wait for that notice
-// (one shared subscription per Cache; sharded pub/sub on a Redis Cluster)
+// (one shared subscription per Cache, or per process for the caches
+// attached with [WithInvalidation] to a Bus on the same client; sharded
+// pub/sub on a Redis Cluster)
 // and read the value; they poll only as a fallback, when the subscription
 // is not yet confirmed or at the moment the holder's lease would run out.
 //
