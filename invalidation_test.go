@@ -444,6 +444,9 @@ func TestBusForgedDropped(t *testing.T) {
 		a := newNode(t, tgt, ns, opts)
 		b := newNode(t, tgt, ns, opts)
 		set(t, a, "k", "v1")
+		// a's own invalidation of that write must reach b before b warms,
+		// or it would drop b's copy and pass for a forgery below.
+		eventually(t, "a's invalidation at b", func() bool { return b.cache.Stats().InvalidationsReceived >= 1 })
 		b.warm(t, "k", "v1")
 
 		// An attacker who may PUBLISH and XADD forges an invalidation and a
