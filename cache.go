@@ -407,6 +407,11 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 	if !c.cacheable(f.err) {
 		return
 	}
+	// Held until the value is in Redis: see flight.fill. Without leases
+	// this is what keeps a fill from landing after a Set or Delete made in
+	// this process; across processes only WithLocks' token fences it.
+	f.fill.Lock()
+	defer f.fill.Unlock()
 	if f.stale.Load() {
 		// A Set or Delete overtook this load; its value may be older.
 		c.stats.skippedWrite.Add(1)

@@ -14,6 +14,11 @@ type flight[T any] struct {
 	// loaded value may predate that write, so it must not be cached. Callers
 	// already waiting still get it (they asked before the write).
 	stale atomic.Bool
+	// fill is held by the load from its last look at stale until its value
+	// is in Redis, and taken by invalidate to set stale. So a Set or Delete
+	// either voids the fill before it is written, or waits until it has
+	// landed and then writes or deletes after it: never the fill after.
+	fill sync.Mutex
 }
 
 // flightGroup coalesces concurrent loads of one key: the first caller starts
@@ -65,11 +70,17 @@ func (g *flightGroup[T]) finish(key string, f *flight[T]) {
 // a new load, and the detached one will not write its value.
 func (g *flightGroup[T]) invalidate(key string) {
 	g.mu.Lock()
-	if f, found := g.m[key]; found {
-		f.stale.Store(true)
+	f, found := g.m[key]
+	if found {
 		delete(g.m, key)
 	}
 	g.mu.Unlock()
+	if found {
+		// Outside g.mu: a fill holds f.fill across a Redis round trip.
+		f.fill.Lock()
+		f.stale.Store(true)
+		f.fill.Unlock()
+	}
 }
 
 // close refuses new flights and waits for running ones to end.
