@@ -56,12 +56,17 @@ func TestWriteDuringFillWins(t *testing.T) {
 				<-ps.entered // the fill looked at its flight and is writing
 				wrote := make(chan error, 1)
 				go func() { wrote <- write(c) }()
+				var early error
+				returnedEarly := false
 				select {
-				case err := <-wrote:
-					t.Fatalf("the write returned (%v) before the fill it overtook had landed", err)
+				case early = <-wrote:
+					returnedEarly = true
 				case <-time.After(50 * time.Millisecond):
 				}
-				close(ps.release)
+				close(ps.release) // before any Fatal: Close waits for the fill
+				if returnedEarly {
+					t.Fatalf("the write returned (%v) before the fill it overtook had landed", early)
+				}
 				if err := <-wrote; err != nil {
 					t.Fatal(err)
 				}
