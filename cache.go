@@ -107,7 +107,7 @@ func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error)
 		c.bus.followPhase(c.mig) // Bus.SetPhase reaches this cache at once
 	}
 	if cfg.lockTTL > 0 {
-		if c.bus != nil && c.bus.client == client {
+		if c.bus != nil && sameClient(c.bus.client, client) {
 			// One notice subscription per process, through the bus. Only
 			// on the bus's own client: another client may be another
 			// deployment, or differ in sharded versus plain pub/sub.
@@ -212,10 +212,16 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 }
 
 // Set writes value for key, fresh for the cache's TTL. A load of key that
-// is running in this process when Set is called will not overwrite it; with
-// leases in use ([WithLocks], [WithEarlyRefresh], [WithStaleWhileRevalidate])
-// Set also breaks the key's lease, so neither will one running in another
-// process.
+// is running in this process when Set is called never overwrites it. With
+// [WithLocks], Set also breaks the key's lease, so no load running in any
+// other process overwrites it either; with [WithEarlyRefresh] or
+// [WithStaleWhileRevalidate] alone, that holds for their background
+// refreshes but not for another process's plain miss load, which can land
+// its (older) value just after the Set.
+//
+// If value cannot be cached (it fails to encode, or exceeds
+// [WithMaxValueSize]), Set deletes the key instead, so that no older value
+// is served after the write it stands for, and returns the error.
 func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 	if err := checkKey(key); err != nil {
 		return err
@@ -226,6 +232,14 @@ func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 		err = c.setBreakingLease(ctx, key, value) // lease.go
 	} else {
 		err = c.write(ctx, key, value, 0, false)
+	}
+	if errors.Is(err, errUnencodable) {
+		// The caller changed the source of truth; the old cached value
+		// is now wrong. Delete takes the lease too, fencing other fills.
+		if delErr := c.store.del(ctx, []string{key}); delErr != nil {
+			c.stats.redisErrors.Add(1)
+			err = errors.Join(err, fmt.Errorf("layercache: delete %q after a failed Set: %w", key, delErr))
+		}
 	}
 	// After the write, so no fill can bring the old value back; and even
 	// after a failed one, which may have reached Redis.
@@ -486,11 +500,11 @@ func (c *Cache[T]) encode(key string, value T, took time.Duration, negative bool
 	} else {
 		var err error
 		if payload, err = c.cfg.codec.Marshal(value); err != nil {
-			return nil, 0, fmt.Errorf("layercache: encode %q: %w", key, err)
+			return nil, 0, fmt.Errorf("layercache: encode %q: %w%w", key, err, errUnencodable)
 		}
 		if c.cfg.maxValue > 0 && len(payload) > c.cfg.maxValue {
 			c.stats.skippedWrite.Add(1)
-			return nil, 0, fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d", ErrValueTooLarge, key, len(payload), c.cfg.maxValue)
+			return nil, 0, fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d%w", ErrValueTooLarge, key, len(payload), c.cfg.maxValue, errUnencodable)
 		}
 		ttl = c.jitter(ttl)
 		grace = c.cfg.grace
@@ -521,3 +535,15 @@ func (c *Cache[T]) jitter(ttl time.Duration) time.Duration {
 }
 
 func (c *Cache[T]) nowMillis() int64 { return c.cfg.clock.Now().UnixMilli() }
+
+// sameClient reports whether a and b are one client. Interface comparison
+// panics on uncomparable dynamic types (a user's wrapper struct holding a
+// slice, say); such clients are simply not the same.
+func sameClient(a, b redis.UniversalClient) (same bool) {
+	defer func() {
+		if recover() != nil {
+			same = false
+		}
+	}()
+	return a == b
+}

@@ -544,8 +544,16 @@ func TestMaxValueSize(t *testing.T) {
 	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
 		ctx := context.Background()
 		c := newCache[string](t, tgt.NewClient(t), layercache.WithNamespace(redistest.Namespace(t)), layercache.WithMaxValueSize(16))
+		if err := c.Set(ctx, "big", "small"); err != nil {
+			t.Fatal(err)
+		}
 		if err := c.Set(ctx, "big", strings.Repeat("x", 100)); !errors.Is(err, layercache.ErrValueTooLarge) {
 			t.Fatalf("Set of a large value = %v, want ErrValueTooLarge", err)
+		}
+		// The value the failed Set stood for replaced "small" at the
+		// source: "small" must not be served any more.
+		if v, err := c.Get(ctx, "big"); !errors.Is(err, layercache.ErrNotFound) {
+			t.Fatalf("after a Set too large to cache, Get = %q, %v; want ErrNotFound", v, err)
 		}
 		got, err := c.Fetch(ctx, "big", func(context.Context) (string, error) { return strings.Repeat("y", 100), nil })
 		if err != nil || len(got) != 100 {

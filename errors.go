@@ -20,8 +20,9 @@ var ErrInvalidKey = errors.New("layercache: invalid key")
 var ErrInvalidOption = errors.New("layercache: invalid option")
 
 // ErrValueTooLarge reports that an encoded value exceeds the limit set with
-// [WithMaxValueSize]. [Cache.Set] returns it and writes nothing; [Cache.Fetch]
-// still returns the loaded value to its caller but does not cache it.
+// [WithMaxValueSize]. [Cache.Set] returns it, caches nothing and deletes the
+// key's older value; [Cache.Fetch] still returns the loaded value to its
+// caller but does not cache it.
 var ErrValueTooLarge = errors.New("layercache: encoded value exceeds the maximum size")
 
 // ErrNoMigration reports a migration operation ([Cache.Reconcile]) on a
@@ -52,3 +53,12 @@ func (e *PanicError) Error() string {
 
 // Is makes errors.Is(err, ErrLoaderPanic) true.
 func (e *PanicError) Is(target error) bool { return target == ErrLoaderPanic }
+
+// errUnencodable marks errors of values that cannot be cached at all (codec
+// failure, size limit), as opposed to Redis failures. It adds nothing to
+// the message.
+var errUnencodable = silentError{}
+
+type silentError struct{}
+
+func (silentError) Error() string { return "" }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/layercache/layercache/internal/redistest"
+	"github.com/redis/go-redis/v9"
 )
 
 // TestLeaseNoticesShareTheBus: caches on one bus and its client share one
@@ -97,3 +98,27 @@ func TestLeaseNoticesOwnHubOnAnotherClient(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// unhashableClient is a client wrapper that cannot be compared with ==.
+type unhashableClient struct {
+	redis.UniversalClient
+	tags []string
+}
+
+func TestNewWithUncomparableClient(t *testing.T) {
+	tgt := redistest.Miniredis(t)
+	client := unhashableClient{UniversalClient: tgt.NewClient(t), tags: []string{"a"}}
+	bus, err := NewBus(client, WithBusLogger(discardLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	c, err := New[string](client, WithLocks(time.Second, time.Second), WithInvalidation(bus), WithLogger(discardLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if v, err := c.Fetch(context.Background(), "k", func(context.Context) (string, error) { return "v", nil }); err != nil || v != "v" {
+		t.Fatalf("Fetch = %q, %v", v, err)
+	}
+}
