@@ -63,6 +63,7 @@ type Bus struct {
 	pending map[string]*pendingRoute
 	npend   int
 	phased  map[string]struct{} // migrations whose phase change is to be announced
+	drained bool                // the publisher took its last batch: queue no more
 	kick    chan struct{}
 
 	ctx       context.Context // cancelled by Close
@@ -458,6 +459,14 @@ func (b *Bus) publish(route string, keys []string, from busTier) {
 	b.mu.RUnlock()
 
 	b.pubMu.Lock()
+	if b.drained {
+		// Close passed the check above and took the last batch already:
+		// queueing would lose the keys without a word.
+		b.pubMu.Unlock()
+		b.logSend.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidation after the bus closed; other nodes rely on their local TTL",
+			slog.String("route", route), slog.Int("keys", len(keys)))
+		return
+	}
 	b.enqueueLocked(route, keys, false)
 	b.pubMu.Unlock()
 	select {
@@ -538,6 +547,9 @@ func (b *Bus) runPublisher() {
 		case <-b.kick:
 		case <-b.ctx.Done():
 			ctx, cancel := context.WithTimeout(context.Background(), closeFlushTimeout)
+			b.pubMu.Lock()
+			b.drained = true // with the take below, nothing queued is left behind
+			b.pubMu.Unlock()
 			if items := b.takePending(); items != nil {
 				if err := b.send(ctx, items); err != nil {
 					b.log.LogAttrs(ctx, slog.LevelWarn, "layercache: bus closed with invalidations unsent; other nodes rely on their local TTL",

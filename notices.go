@@ -215,6 +215,17 @@ func (h *noticeHub) close() {
 	h.closed = true
 	conns := h.conns
 	h.conns = nil
+	// No notice will come any more: waiters that trusted one must poll,
+	// and look at Redis now rather than at their holder's lease expiry.
+	for _, nc := range h.channels {
+		for w := range nc.watches {
+			w.confirmed.Store(false)
+			select {
+			case w.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
 	h.mu.Unlock()
 	for _, conn := range conns {
 		_ = conn.ps.Close()

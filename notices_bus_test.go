@@ -122,3 +122,58 @@ func TestNewWithUncomparableClient(t *testing.T) {
 		t.Fatalf("Fetch = %q, %v", v, err)
 	}
 }
+
+// TestWaitersPollAfterTheBusCloses: a waiter that relied on the bus's
+// notices switches to polling when the bus closes mid-wait, instead of
+// sleeping until the holder's lease would expire.
+func TestWaitersPollAfterTheBusCloses(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		ns := redistest.Namespace(t)
+		client := tgt.NewClient(t)
+		bus, err := NewBus(client, WithChannel(ns+":bus"), WithBusLogger(discardLogger()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		waiter, err := New[string](client, WithNamespace(ns), WithLocks(time.Minute, time.Minute), WithInvalidation(bus), WithLogger(discardLogger()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer waiter.Close()
+		writer, err := New[string](tgt.NewClient(t), WithNamespace(ns), WithLocks(time.Minute, time.Minute), WithLogger(discardLogger()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer writer.Close()
+		// A holder in another process that will never fill.
+		if err := client.Set(ctx, waiter.keys.lease("k"), "someone-else", time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan string, 1)
+		go func() {
+			v, _ := waiter.Fetch(ctx, "k", func(context.Context) (string, error) { return "loaded", nil })
+			got <- v
+		}()
+		deadline := time.Now().Add(10 * time.Second)
+		for waiter.Stats().LeaseWaits == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("the Fetch never started waiting")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		_ = bus.Close()
+		start := time.Now()
+		if err := writer.Set(ctx, "k", "set"); err != nil { // its notice goes unheard
+			t.Fatal(err)
+		}
+		select {
+		case v := <-got:
+			if v != "set" {
+				t.Fatalf("waiter got %q, want the value set meanwhile", v)
+			}
+			t.Logf("waiter saw the value %v after the bus closed", time.Since(start))
+		case <-time.After(15 * time.Second):
+			t.Fatal("the waiter kept waiting for a notice that a closed bus cannot deliver")
+		}
+	})
+}
