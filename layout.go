@@ -440,7 +440,23 @@ func newHashStore(client redis.UniversalClient, keys keyspace, l Layout, now fun
 // i's tag hashes into the i-th n-th of the 16384 Cluster slots. Clusters
 // assign slots to masters in contiguous ranges, so shards spread over the
 // masters as evenly as they can. The tags are a pure function of n.
+//
+// Finding the tags costs about 85ms of CPU for Hash(1024), and every New
+// builds a store per side and per upgraded version, so they are computed
+// once per shard count and shared; callers must not modify the slice.
 func shardTags(n int) []string {
+	if t, ok := shardTagCache.Load(n); ok {
+		return t.([]string)
+	}
+	t, _ := shardTagCache.LoadOrStore(n, computeShardTags(n))
+	return t.([]string)
+}
+
+// shardTagCache maps a shard count to its tags (see shardTags). It only
+// memoises a pure function, so sharing it between caches is invisible.
+var shardTagCache sync.Map
+
+func computeShardTags(n int) []string {
 	tags := make([]string, n)
 	for i := range tags {
 		lo, hi := i*16384/n, (i+1)*16384/n
@@ -598,9 +614,21 @@ func (s *hashStore) sweep(ctx context.Context, now int64, every time.Duration) (
 // ---- raw ----
 
 const (
-	rawStampSuffix = "\xfflc:wv"
-	rawLeaseSuffix = "\xfflc:lease"
+	rawStampSuffix  = "\xfflc:wv"
+	rawLeaseSuffix  = "\xfflc:lease"
+	rawNoticeSuffix = "\xfflc:notice"
+	rawFenceSuffix  = "\xfflc:copy"
 )
+
+// isCompanion reports whether a raw key ends like a companion key.
+func isCompanion(rk string) bool {
+	for _, suf := range [...]string{rawStampSuffix, rawLeaseSuffix, rawNoticeSuffix, rawFenceSuffix} {
+		if strings.HasSuffix(rk, suf) {
+			return true
+		}
+	}
+	return false
+}
 
 // rawStore keeps plain payloads at pattern keys; see [Raw]. It converts at
 // its edge: get returns an envelope synthesised from the payload, the
@@ -623,7 +651,7 @@ func (s *rawStore) userKey(rk string) (string, bool) {
 	if len(rk) < len(s.l.prefix)+len(s.l.suffix) || !strings.HasPrefix(rk, s.l.prefix) || !strings.HasSuffix(rk, s.l.suffix) {
 		return "", false
 	}
-	if strings.HasSuffix(rk, rawStampSuffix) || strings.HasSuffix(rk, rawLeaseSuffix) {
+	if isCompanion(rk) {
 		return "", false
 	}
 	k := rk[len(s.l.prefix) : len(rk)-len(s.l.suffix)]
@@ -648,6 +676,12 @@ func companion(rawKey, suffix string) (string, error) {
 
 func (s *rawStore) keysOf(key string) (raw, stamp string, err error) {
 	raw = s.rawKey(key)
+	if isCompanion(raw) {
+		// Key "{42}\xfflc:wv" with Raw("product:%s") would be
+		// product:{42}\xfflc:wv, the stamp of key "{42}": reading or
+		// writing it would corrupt another key's bookkeeping.
+		return "", "", fmt.Errorf("%w: raw key %q ends like a companion key (version stamp, lease, notice or copy fence) of another key", ErrInvalidKey, raw)
+	}
 	stamp, err = companion(raw, rawStampSuffix)
 	return raw, stamp, err
 }
@@ -815,7 +849,12 @@ func (s *rawStore) del(ctx context.Context, keys []string) error {
 		for _, k := range keys {
 			raw, stamp, err := s.keysOf(k)
 			if err != nil {
-				p.Del(ctx, s.rawKey(k)) // no companions can exist for it
+				// No companions can exist for it. A key refused for
+				// looking like a companion is left alone: its raw key is
+				// another key's stamp, lease or fence.
+				if !isCompanion(s.rawKey(k)) {
+					p.Del(ctx, s.rawKey(k))
+				}
 				continue
 			}
 			lease, _ := companion(raw, rawLeaseSuffix)

@@ -118,8 +118,6 @@ func (s *hashStore) breakLease(ctx context.Context, key string) error {
 
 // ---- raw ----
 
-const rawNoticeSuffix = "\xfflc:notice"
-
 // leaseKeys returns the raw key, its stamp and its lease.
 func (s *rawStore) leaseKeys(key string) ([]string, error) {
 	raw, stamp, err := s.keysOf(key)
