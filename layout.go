@@ -234,6 +234,22 @@ type layoutStore interface {
 	overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error)
 	// breakLease drops key's lease, whoever holds it, with a notice.
 	breakLease(ctx context.Context, key string) error
+
+	// Copy fences (scripts.Arm, layout_lease.go): a copy into this store
+	// of a value read elsewhere is written only if the fence armed before
+	// that read still holds its token, so a Delete in between voids it.
+
+	// fenceKey returns key's copy fence, in its value's slot; del and
+	// take delete it.
+	fenceKey(key string) (string, error)
+	// arm adds token to key's copy fence.
+	arm(ctx context.Context, key, token string) error
+	// armVersion arms key's copy fence, then reads key's version (as
+	// version does), in one round trip.
+	armVersion(ctx context.Context, key, token string) (uint64, error)
+	// copyFenced is write in writeCopy mode, applied only if token is
+	// still in key's copy fence (and taking it out).
+	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
 }
 
 // headerVersion returns the write version of an envelope header (at
@@ -330,6 +346,26 @@ func (s *keyPerEntryStore) write(ctx context.Context, key string, env []byte, tt
 	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key)}, env, ttlMillis(ttl), modeArg(mode)))
 }
 
+func (s *keyPerEntryStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix},
+		env, ttlMillis(ttl), modeArg(writeCopy), token))
+}
+
+// kvFenceSuffix makes a key-per-entry key's copy fence, beside its lease.
+const kvFenceSuffix = ":copy"
+
+func (s *keyPerEntryStore) fenceKey(key string) (string, error) { return s.keys.entry(key) + kvFenceSuffix, nil }
+
+func (s *keyPerEntryStore) arm(ctx context.Context, key, token string) error {
+	return armFence(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token)
+}
+
+func (s *keyPerEntryStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	return armThenRead(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token, false, func(p redis.Pipeliner) *redis.StringCmd {
+		return p.GetRange(ctx, s.keys.entry(key), 0, envelope.HeaderSize-1)
+	})
+}
+
 func (s *keyPerEntryStore) readMany(ctx context.Context, keys []string) ([]record, error) {
 	cmds := make([]*redis.StringCmd, len(keys))
 	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -389,7 +425,7 @@ func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, err
 }
 
 func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key)}).Text()
+	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix}).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -496,18 +532,33 @@ func (s *hashStore) write(ctx context.Context, key string, env []byte, ttl time.
 	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
 }
 
-func (s *hashStore) del(ctx context.Context, keys []string) error {
-	// Field and lease share the shard's slot; one pipeline for all keys
-	// (go-redis splits it by node on a Cluster).
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			shard := s.shardOf(k)
-			p.HDel(ctx, shard, k)
-			p.Del(ctx, shard+":lease:"+k)
-		}
-		return nil
+func (s *hashStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)},
+		key, env, ttlMillis(ttl), modeArg(writeCopy), s.now(), token))
+}
+
+// fence returns key's copy fence, beside its lease in its shard's slot.
+func (s *hashStore) fence(key string) string { return s.shardOf(key) + ":copy:" + key }
+
+func (s *hashStore) fenceKey(key string) (string, error) { return s.fence(key), nil }
+
+func (s *hashStore) arm(ctx context.Context, key, token string) error {
+	return armFence(ctx, s.client, s.fence(key), token)
+}
+
+func (s *hashStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	return armThenRead(ctx, s.client, s.fence(key), token, false, func(p redis.Pipeliner) *redis.StringCmd {
+		return p.HGet(ctx, s.shardOf(key), key)
 	})
-	return err
+}
+
+func (s *hashStore) del(ctx context.Context, keys []string) error {
+	// Field, lease and copy fence share the shard's slot.
+	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
+		p.HDel(ctx, s.shardOf(k), k)
+		p.Del(ctx, s.fence(k))
+		return s.leaseKeys(k), s.noticeChannel(k)
+	})
 }
 
 func (s *hashStore) readMany(ctx context.Context, keys []string) ([]record, error) {
@@ -563,7 +614,7 @@ func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
 }
 
 func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key)}, key).Text()
+	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)}, key).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -703,7 +754,8 @@ func (s *rawStore) take(ctx context.Context, key string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp}).Text()
+	fence, _ := companion(raw, rawFenceSuffix)
+	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp, fence}).Text()
 	return versionReply([]byte(b), err, true)
 }
 
@@ -830,6 +882,15 @@ func rawTTL(h envelope.Header, ttl time.Duration) time.Duration {
 }
 
 func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
+	return s.writeFenced(ctx, key, env, ttl, mode, "")
+}
+
+func (s *rawStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return s.writeFenced(ctx, key, env, ttl, writeCopy, token)
+}
+
+// writeFenced is write, checking the copy fence for token unless it is "".
+func (s *rawStore) writeFenced(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode, token string) (uint64, bool, error) {
 	h, payload, err := envelope.Decode(env)
 	if err != nil {
 		return 0, false, fmt.Errorf("layercache: raw write of %q: %w", key, err)
@@ -840,29 +901,56 @@ func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.D
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-	return scriptResult(scripts.RawWrite.Run(ctx, s.client, []string{raw, stamp},
-		payload, v[:], ttlMillis(rawTTL(h, ttl)), modeArg(mode), boolArg(h.Negative())))
+	keys := []string{raw, stamp}
+	args := []any{payload, v[:], ttlMillis(rawTTL(h, ttl)), modeArg(mode), boolArg(h.Negative())}
+	if token != "" {
+		fence, _ := companion(raw, rawFenceSuffix)
+		keys, args = append(keys, fence), append(args, token)
+	}
+	return scriptResult(scripts.RawWrite.Run(ctx, s.client, keys, args...))
+}
+
+func (s *rawStore) fenceKey(key string) (string, error) {
+	raw, _, err := s.keysOf(key)
+	if err != nil {
+		return "", err
+	}
+	return companion(raw, rawFenceSuffix)
+}
+
+func (s *rawStore) arm(ctx context.Context, key, token string) error {
+	fence, err := s.fenceKey(key)
+	if err != nil {
+		return err
+	}
+	return armFence(ctx, s.client, fence, token)
+}
+
+func (s *rawStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	_, stamp, err := s.keysOf(key)
+	if err != nil {
+		return 0, err
+	}
+	fence, _ := companion(s.rawKey(key), rawFenceSuffix)
+	return armThenRead(ctx, s.client, fence, token, true, func(p redis.Pipeliner) *redis.StringCmd { return p.Get(ctx, stamp) })
 }
 
 func (s *rawStore) del(ctx context.Context, keys []string) error {
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			raw, stamp, err := s.keysOf(k)
-			if err != nil {
-				// No companions can exist for it. A key refused for
-				// looking like a companion is left alone: its raw key is
-				// another key's stamp, lease or fence.
-				if !isCompanion(s.rawKey(k)) {
-					p.Del(ctx, s.rawKey(k))
-				}
-				continue
+	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
+		lk, err := s.leaseKeys(k)
+		if err != nil {
+			// No companions can exist for it. A key refused for
+			// looking like a companion is left alone: its raw key is
+			// another key's stamp, lease or fence.
+			if !isCompanion(s.rawKey(k)) {
+				p.Del(ctx, s.rawKey(k))
 			}
-			lease, _ := companion(raw, rawLeaseSuffix)
-			p.Del(ctx, raw, stamp, lease) // one slot
+			return nil, ""
 		}
-		return nil
+		fence, _ := companion(lk[0], rawFenceSuffix)
+		p.Del(ctx, lk[0], lk[1], fence) // value, stamp, fence: one slot
+		return []string{lk[0], lk[2]}, s.noticeChannel(k)
 	})
-	return err
 }
 
 func (s *rawStore) exists(ctx context.Context, keys []string) ([]bool, error) {
