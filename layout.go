@@ -354,7 +354,9 @@ func (s *keyPerEntryStore) copyFenced(ctx context.Context, key, token string, en
 // kvFenceSuffix makes a key-per-entry key's copy fence, beside its lease.
 const kvFenceSuffix = ":copy"
 
-func (s *keyPerEntryStore) fenceKey(key string) (string, error) { return s.keys.entry(key) + kvFenceSuffix, nil }
+func (s *keyPerEntryStore) fenceKey(key string) (string, error) {
+	return s.keys.entry(key) + kvFenceSuffix, nil
+}
 
 func (s *keyPerEntryStore) arm(ctx context.Context, key, token string) error {
 	return armFence(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token)
