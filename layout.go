@@ -1112,6 +1112,16 @@ func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 		return st
 	}
 	u := &upgradingStore{store: st, now: c.nowMillis, stats: &c.stats, log: c.log, logs: &c.logBg}
+	if c.vals != nil {
+		codec := c.cfg.codec
+		u.validate = func(ctx context.Context, key string, payload []byte) bool {
+			var v T
+			if err := codec.Unmarshal(payload, &v); err != nil {
+				return true // not the validator's call: the read path counts a bad decode
+			}
+			return c.valid(ctx, key, v)
+		}
+	}
 	for _, up := range upgrades {
 		codec := c.cfg.codec
 		convert := up.convert
