@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/layercache/layercache/internal/envelope"
 	"github.com/layercache/layercache/internal/redistest"
 )
 
@@ -122,4 +123,28 @@ func TestDualBackfillAfterDeleteIsDropped(t *testing.T) {
 			})
 		})
 	}
+}
+
+// A backfill into a Raw side of a value already past its fresh time must
+// not write it with its whole remaining lifetime, which Raw readers would
+// take as fresh.
+func TestRawBackfillKeepsStaleStale(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		d := newTestDual(t, tgt, func(ns string) Layout { return Raw(ns + ":p:%s") }, func(string) Layout { return Hash(3) }, PhaseReadOldFirst)
+		now := time.Now().UnixMilli()
+		env := envelope.Encode(envelope.Header{WrittenAt: now - 120_000, FreshUntil: now - 60_000, ExpiresAt: now + 3_600_000,
+			WriteVersion: uint64(now)<<16 | 1}, []byte(`"x"`))
+		if _, _, err := d.sides[sideNew].write(ctx, "k", env, time.Hour, writeCopy); err != nil {
+			t.Fatal(err)
+		}
+		_ = payloadOf(t, d, "k") // fallback, and the backfill into Raw
+		b, err := d.get(ctx, "k")
+		if err != nil || b == nil {
+			t.Fatal(b, err)
+		}
+		if h, _, _ := envelope.Decode(b); h.FreshUntil > time.Now().UnixMilli() {
+			t.Errorf("a value stale for a minute reads as fresh for %v more", time.Duration(h.FreshUntil-time.Now().UnixMilli())*time.Millisecond)
+		}
+	})
 }

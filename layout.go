@@ -872,15 +872,13 @@ func (s *rawStore) set(ctx context.Context, key string, env []byte, ttl time.Dur
 	return err
 }
 
-// rawTTL is the Redis TTL of a raw write: the fresh part of the entry's
-// lifetime only, since code reading the raw key has no notion of a stale
-// grace.
-func rawTTL(h envelope.Header, ttl time.Duration) time.Duration {
-	grace := time.Duration(h.ExpiresAt-h.FreshUntil) * time.Millisecond
-	if ttl-grace > 0 {
-		return ttl - grace
-	}
-	return ttl
+// rawTTL is the Redis TTL of a raw write: what is left of the entry's
+// fresh life at now, since code reading the raw key (and this cache's Raw
+// reads) take the key's TTL as freshness and have no notion of a stale
+// grace. It is <= 0 for a value already stale: a copy of one (backfill,
+// dual copy, repair) is not written, or it would turn stale into fresh.
+func rawTTL(h envelope.Header, now int64) time.Duration {
+	return time.Duration(h.FreshUntil-now) * time.Millisecond
 }
 
 func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
@@ -903,8 +901,12 @@ func (s *rawStore) writeFenced(ctx context.Context, key string, env []byte, ttl 
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
+	rt := rawTTL(h, s.now())
+	if rt <= 0 && mode == writeCopy {
+		return 0, false, nil
+	}
 	keys := []string{raw, stamp}
-	args := []any{payload, v[:], ttlMillis(rawTTL(h, ttl)), modeArg(mode), boolArg(h.Negative())}
+	args := []any{payload, v[:], ttlMillis(rt), modeArg(mode), boolArg(h.Negative())}
 	if token != "" {
 		fence, _ := companion(raw, rawFenceSuffix)
 		keys, args = append(keys, fence), append(args, token)
@@ -976,7 +978,9 @@ func (s *rawStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 				continue
 			}
 			binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-			ttl = rawTTL(h, ttl)
+			if ttl = rawTTL(h, s.now()); ttl <= 0 {
+				continue // stale already: not repaired (see rawTTL)
+			}
 			code, payload = "s", p
 			if h.Negative() {
 				code = "n"

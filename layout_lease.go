@@ -242,14 +242,14 @@ func (s *rawStore) breakLease(ctx context.Context, key string) error {
 
 // rawWriteArgs returns the payload, version, TTL and negative flag of a
 // raw write of env.
-func rawWriteArgs(key string, env []byte, ttl time.Duration) (payload, version []byte, ms int64, negative string, err error) {
+func rawWriteArgs(key string, env []byte, now int64) (payload, version []byte, ms int64, negative string, err error) {
 	h, p, err := envelope.Decode(env)
 	if err != nil {
 		return nil, nil, 0, "", fmt.Errorf("layercache: raw write of %q: %w", key, err)
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-	return p, v[:], ttlMillis(rawTTL(h, ttl)), boolArg(h.Negative()), nil
+	return p, v[:], ttlMillis(rawTTL(h, now)), boolArg(h.Negative()), nil
 }
 
 func (s *rawStore) fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error) {
@@ -262,7 +262,7 @@ func (s *rawStore) fillVersioned(ctx context.Context, key, token string, env []b
 	if err != nil {
 		return 0, false, err
 	}
-	payload, v, ms, neg, err := rawWriteArgs(key, env, ttl)
+	payload, v, ms, neg, err := rawWriteArgs(key, env, s.now())
 	if err != nil {
 		return 0, false, err
 	}
@@ -280,7 +280,7 @@ func (s *rawStore) overwrite(ctx context.Context, key string, env []byte, ttl ti
 	if err != nil {
 		return 0, err
 	}
-	payload, v, ms, neg, err := rawWriteArgs(key, env, ttl)
+	payload, v, ms, neg, err := rawWriteArgs(key, env, s.now())
 	if err != nil {
 		return 0, err
 	}
