@@ -360,6 +360,21 @@ func (d *dualStore) get(ctx context.Context, key string) ([]byte, error) {
 	if hit {
 		return b, nil
 	}
+	// Arm the preferred side's copy fence before the fallback read: a
+	// Delete after that read removes the fence with both sides, and the
+	// backfill, fenced, is dropped instead of writing the deleted value
+	// back (set-if-newer alone would let it into the emptied key). One
+	// more round trip, on the fallback path only.
+	var fence string
+	if perr == nil {
+		fence = newLeaseToken()
+		if err := d.sides[pref].arm(ctx, key, fence); err != nil {
+			if ctx.Err() == nil {
+				d.mig.sides[pref].errors.Add(1)
+			}
+			fence = ""
+		}
+	}
 	ab, ahit, aerr := d.read(ctx, alt, key, true)
 	if !ahit {
 		if perr != nil {
@@ -370,8 +385,8 @@ func (d *dualStore) get(ctx context.Context, key string) ([]byte, error) {
 		}
 		return b, nil // the preferred side's miss, as it was (absent or expired)
 	}
-	if perr == nil {
-		d.backfill(ctx, pref, key, ab)
+	if fence != "" {
+		d.backfill(ctx, pref, key, fence, ab)
 	}
 	return ab, nil
 }
@@ -401,8 +416,10 @@ func (d *dualStore) read(ctx context.Context, side int, key string, fallback boo
 }
 
 // backfill copies env, found on the other side, into side: set-if-newer,
-// so that it never replaces a write that landed after the fallback read.
-func (d *dualStore) backfill(ctx context.Context, side int, key string, env []byte) {
+// so that it never replaces a write that landed after the fallback read,
+// and fenced by fence, armed before that read, so that it never lands
+// after a Delete that followed the read.
+func (d *dualStore) backfill(ctx context.Context, side int, key, fence string, env []byte) {
 	h, _, err := envelope.Decode(env)
 	if err != nil {
 		return
@@ -412,7 +429,7 @@ func (d *dualStore) backfill(ctx context.Context, side int, key string, env []by
 		return
 	}
 	s := &d.mig.sides[side]
-	_, ok, err := d.sides[side].write(ctx, key, env, ttl, writeCopy)
+	_, ok, err := d.sides[side].copyFenced(ctx, key, fence, env, ttl)
 	switch {
 	case err != nil:
 		if ctx.Err() == nil {
@@ -457,23 +474,12 @@ func (d *dualStore) write(ctx context.Context, key string, env []byte, ttl time.
 	first := authority(p)
 	second := 1 - first
 	single := p == PhaseOld || p == PhaseNewOnly
+	var fence string
 	if mode == writeFresh {
-		var other uint64
-		if single {
-			other, err = d.sides[second].take(ctx, key)
-			if err == nil {
-				d.mig.sides[second].invalidations.Add(1)
-			}
-		} else {
-			other, err = d.sides[second].version(ctx, key)
+		fence = newLeaseToken()
+		if env, err = d.proposePastOther(ctx, key, env, second, single, fence); err != nil {
+			return 0, false, err
 		}
-		if err != nil {
-			if ctx.Err() == nil {
-				d.mig.sides[second].errors.Add(1)
-			}
-			return 0, false, fmt.Errorf("%s side (%v): %w", sideName(second), d.sides[second].layout(), err)
-		}
-		env = proposePast(env, other)
 	}
 	v, ok, err := d.writeSide(ctx, first, key, env, ttl, mode)
 	if err != nil || !ok || single {
@@ -482,7 +488,60 @@ func (d *dualStore) write(ctx context.Context, key string, env []byte, ttl time.
 	if v != headerVersion(env) {
 		env = withWriteVersion(env, v)
 	}
-	_, _, err = d.writeSide(ctx, second, key, env, ttl, writeCopy)
+	if fence == "" {
+		_, _, err = d.writeSide(ctx, second, key, env, ttl, writeCopy)
+	} else {
+		// A Delete between the first side's write and this copy
+		// deleted the fence armed with the version read: the copy
+		// must not bring the value back on the second side.
+		_, _, err = d.copySide(ctx, second, key, fence, env, ttl)
+	}
+	return v, ok, err
+}
+
+// copySide is writeSide for a fenced copy (see layoutStore.copyFenced).
+func (d *dualStore) copySide(ctx context.Context, side int, key, fence string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	s := &d.mig.sides[side]
+	v, ok, err := d.sides[side].copyFenced(ctx, key, fence, env, ttl)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.errors.Add(1)
+		}
+		return v, ok, fmt.Errorf("%s side (%v): %w", sideName(side), d.sides[side].layout(), err)
+	}
+	if ok {
+		s.writes.Add(1)
+	}
+	return v, ok, nil
+}
+
+// arm arms key's copy fence on every side a copy (write in writeCopy
+// mode, as upgrade on read does) goes to in the current phase; see
+// copyFenced.
+func (d *dualStore) arm(ctx context.Context, key, token string) error {
+	p, err := d.mig.current(ctx)
+	if err != nil {
+		return err
+	}
+	if p == PhaseOld || p == PhaseNewOnly {
+		return d.sides[authority(p)].arm(ctx, key, token)
+	}
+	return errors.Join(d.sides[sideOld].arm(ctx, key, token), d.sides[sideNew].arm(ctx, key, token))
+}
+
+// copyFenced is write in writeCopy mode with every side's copy fenced by
+// token, armed by arm before the copied value was read.
+func (d *dualStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	p, err := d.mig.current(ctx)
+	if err != nil {
+		return 0, false, err
+	}
+	first := authority(p)
+	v, ok, err := d.copySide(ctx, first, key, token, env, ttl)
+	if err != nil || !ok || p == PhaseOld || p == PhaseNewOnly {
+		return v, ok, err
+	}
+	_, _, err = d.copySide(ctx, 1-first, key, token, env, ttl)
 	return v, ok, err
 }
 

@@ -71,6 +71,10 @@ func TestBackfillLosesToAConcurrentWrite(t *testing.T) {
 				if _, hit, _ := d.read(ctx, sideNew, "k", false); hit {
 					t.Fatal("the new side should miss")
 				}
+				fence := newLeaseToken()
+				if err := d.sides[sideNew].arm(ctx, "k", fence); err != nil {
+					t.Fatal(err)
+				}
 				stale, hit, err := d.read(ctx, sideOld, "k", true)
 				if err != nil || !hit {
 					t.Fatalf("fallback read: %v, %v", hit, err)
@@ -81,7 +85,7 @@ func TestBackfillLosesToAConcurrentWrite(t *testing.T) {
 					t.Fatal(err)
 				}
 				// The reader's backfill arrives late.
-				d.backfill(ctx, sideNew, "k", stale)
+				d.backfill(ctx, sideNew, "k", fence, stale)
 				for side := range d.sides {
 					if got := payloadOf(t, d.sides[side], "k"); got != "v2" {
 						t.Fatalf("%s side holds %q after the late backfill; want the newer write v2", sideName(side), got)
@@ -91,7 +95,10 @@ func TestBackfillLosesToAConcurrentWrite(t *testing.T) {
 					t.Fatal("a rejected backfill was counted")
 				}
 				// A backfill onto a side that lacks the key lands.
-				d.backfill(ctx, sideNew, "other", testEnv(behind, "x"))
+				if err := d.sides[sideNew].arm(ctx, "other", fence); err != nil {
+					t.Fatal(err)
+				}
+				d.backfill(ctx, sideNew, "other", fence, testEnv(behind, "x"))
 				if got := payloadOf(t, d.sides[sideNew], "other"); got != "x" || d.mig.sides[sideNew].backfills.Load() != 1 {
 					t.Fatalf("backfill onto an absent key: %q", got)
 				}

@@ -234,6 +234,22 @@ type layoutStore interface {
 	overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error)
 	// breakLease drops key's lease, whoever holds it, with a notice.
 	breakLease(ctx context.Context, key string) error
+
+	// Copy fences (scripts.Arm, layout_lease.go): a copy into this store
+	// of a value read elsewhere is written only if the fence armed before
+	// that read still holds its token, so a Delete in between voids it.
+
+	// fenceKey returns key's copy fence, in its value's slot; del and
+	// take delete it.
+	fenceKey(key string) (string, error)
+	// arm adds token to key's copy fence.
+	arm(ctx context.Context, key, token string) error
+	// armVersion arms key's copy fence, then reads key's version (as
+	// version does), in one round trip.
+	armVersion(ctx context.Context, key, token string) (uint64, error)
+	// copyFenced is write in writeCopy mode, applied only if token is
+	// still in key's copy fence (and taking it out).
+	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
 }
 
 // headerVersion returns the write version of an envelope header (at
@@ -330,6 +346,28 @@ func (s *keyPerEntryStore) write(ctx context.Context, key string, env []byte, tt
 	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key)}, env, ttlMillis(ttl), modeArg(mode)))
 }
 
+func (s *keyPerEntryStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix},
+		env, ttlMillis(ttl), modeArg(writeCopy), token))
+}
+
+// kvFenceSuffix makes a key-per-entry key's copy fence, beside its lease.
+const kvFenceSuffix = ":copy"
+
+func (s *keyPerEntryStore) fenceKey(key string) (string, error) {
+	return s.keys.entry(key) + kvFenceSuffix, nil
+}
+
+func (s *keyPerEntryStore) arm(ctx context.Context, key, token string) error {
+	return armFence(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token)
+}
+
+func (s *keyPerEntryStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	return armThenRead(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token, false, func(p redis.Pipeliner) *redis.StringCmd {
+		return p.GetRange(ctx, s.keys.entry(key), 0, envelope.HeaderSize-1)
+	})
+}
+
 func (s *keyPerEntryStore) readMany(ctx context.Context, keys []string) ([]record, error) {
 	cmds := make([]*redis.StringCmd, len(keys))
 	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -389,7 +427,7 @@ func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, err
 }
 
 func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key)}).Text()
+	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix}).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -440,7 +478,23 @@ func newHashStore(client redis.UniversalClient, keys keyspace, l Layout, now fun
 // i's tag hashes into the i-th n-th of the 16384 Cluster slots. Clusters
 // assign slots to masters in contiguous ranges, so shards spread over the
 // masters as evenly as they can. The tags are a pure function of n.
+//
+// Finding the tags costs about 85ms of CPU for Hash(1024), and every New
+// builds a store per side and per upgraded version, so they are computed
+// once per shard count and shared; callers must not modify the slice.
 func shardTags(n int) []string {
+	if t, ok := shardTagCache.Load(n); ok {
+		return t.([]string)
+	}
+	t, _ := shardTagCache.LoadOrStore(n, computeShardTags(n))
+	return t.([]string)
+}
+
+// shardTagCache maps a shard count to its tags (see shardTags). It only
+// memoises a pure function, so sharing it between caches is invisible.
+var shardTagCache sync.Map
+
+func computeShardTags(n int) []string {
 	tags := make([]string, n)
 	for i := range tags {
 		lo, hi := i*16384/n, (i+1)*16384/n
@@ -480,18 +534,33 @@ func (s *hashStore) write(ctx context.Context, key string, env []byte, ttl time.
 	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
 }
 
-func (s *hashStore) del(ctx context.Context, keys []string) error {
-	// Field and lease share the shard's slot; one pipeline for all keys
-	// (go-redis splits it by node on a Cluster).
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			shard := s.shardOf(k)
-			p.HDel(ctx, shard, k)
-			p.Del(ctx, shard+":lease:"+k)
-		}
-		return nil
+func (s *hashStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)},
+		key, env, ttlMillis(ttl), modeArg(writeCopy), s.now(), token))
+}
+
+// fence returns key's copy fence, beside its lease in its shard's slot.
+func (s *hashStore) fence(key string) string { return s.shardOf(key) + ":copy:" + key }
+
+func (s *hashStore) fenceKey(key string) (string, error) { return s.fence(key), nil }
+
+func (s *hashStore) arm(ctx context.Context, key, token string) error {
+	return armFence(ctx, s.client, s.fence(key), token)
+}
+
+func (s *hashStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	return armThenRead(ctx, s.client, s.fence(key), token, false, func(p redis.Pipeliner) *redis.StringCmd {
+		return p.HGet(ctx, s.shardOf(key), key)
 	})
-	return err
+}
+
+func (s *hashStore) del(ctx context.Context, keys []string) error {
+	// Field, lease and copy fence share the shard's slot.
+	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
+		p.HDel(ctx, s.shardOf(k), k)
+		p.Del(ctx, s.fence(k))
+		return s.leaseKeys(k), s.noticeChannel(k)
+	})
 }
 
 func (s *hashStore) readMany(ctx context.Context, keys []string) ([]record, error) {
@@ -547,7 +616,7 @@ func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
 }
 
 func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key)}, key).Text()
+	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)}, key).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -598,9 +667,21 @@ func (s *hashStore) sweep(ctx context.Context, now int64, every time.Duration) (
 // ---- raw ----
 
 const (
-	rawStampSuffix = "\xfflc:wv"
-	rawLeaseSuffix = "\xfflc:lease"
+	rawStampSuffix  = "\xfflc:wv"
+	rawLeaseSuffix  = "\xfflc:lease"
+	rawNoticeSuffix = "\xfflc:notice"
+	rawFenceSuffix  = "\xfflc:copy"
 )
+
+// isCompanion reports whether a raw key ends like a companion key.
+func isCompanion(rk string) bool {
+	for _, suf := range [...]string{rawStampSuffix, rawLeaseSuffix, rawNoticeSuffix, rawFenceSuffix} {
+		if strings.HasSuffix(rk, suf) {
+			return true
+		}
+	}
+	return false
+}
 
 // rawStore keeps plain payloads at pattern keys; see [Raw]. It converts at
 // its edge: get returns an envelope synthesised from the payload, the
@@ -623,7 +704,7 @@ func (s *rawStore) userKey(rk string) (string, bool) {
 	if len(rk) < len(s.l.prefix)+len(s.l.suffix) || !strings.HasPrefix(rk, s.l.prefix) || !strings.HasSuffix(rk, s.l.suffix) {
 		return "", false
 	}
-	if strings.HasSuffix(rk, rawStampSuffix) || strings.HasSuffix(rk, rawLeaseSuffix) {
+	if isCompanion(rk) {
 		return "", false
 	}
 	k := rk[len(s.l.prefix) : len(rk)-len(s.l.suffix)]
@@ -648,6 +729,12 @@ func companion(rawKey, suffix string) (string, error) {
 
 func (s *rawStore) keysOf(key string) (raw, stamp string, err error) {
 	raw = s.rawKey(key)
+	if isCompanion(raw) {
+		// Key "{42}\xfflc:wv" with Raw("product:%s") would be
+		// product:{42}\xfflc:wv, the stamp of key "{42}": reading or
+		// writing it would corrupt another key's bookkeeping.
+		return "", "", fmt.Errorf("%w: raw key %q ends like a companion key (version stamp, lease, notice or copy fence) of another key", ErrInvalidKey, raw)
+	}
 	stamp, err = companion(raw, rawStampSuffix)
 	return raw, stamp, err
 }
@@ -669,7 +756,8 @@ func (s *rawStore) take(ctx context.Context, key string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp}).Text()
+	fence, _ := companion(raw, rawFenceSuffix)
+	b, err := scripts.RawTake.Run(ctx, s.client, []string{raw, stamp, fence}).Text()
 	return versionReply([]byte(b), err, true)
 }
 
@@ -784,18 +872,25 @@ func (s *rawStore) set(ctx context.Context, key string, env []byte, ttl time.Dur
 	return err
 }
 
-// rawTTL is the Redis TTL of a raw write: the fresh part of the entry's
-// lifetime only, since code reading the raw key has no notion of a stale
-// grace.
-func rawTTL(h envelope.Header, ttl time.Duration) time.Duration {
-	grace := time.Duration(h.ExpiresAt-h.FreshUntil) * time.Millisecond
-	if ttl-grace > 0 {
-		return ttl - grace
-	}
-	return ttl
+// rawTTL is the Redis TTL of a raw write: what is left of the entry's
+// fresh life at now, since code reading the raw key (and this cache's Raw
+// reads) take the key's TTL as freshness and have no notion of a stale
+// grace. It is <= 0 for a value already stale: a copy of one (backfill,
+// dual copy, repair) is not written, or it would turn stale into fresh.
+func rawTTL(h envelope.Header, now int64) time.Duration {
+	return time.Duration(h.FreshUntil-now) * time.Millisecond
 }
 
 func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
+	return s.writeFenced(ctx, key, env, ttl, mode, "")
+}
+
+func (s *rawStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+	return s.writeFenced(ctx, key, env, ttl, writeCopy, token)
+}
+
+// writeFenced is write, checking the copy fence for token unless it is "".
+func (s *rawStore) writeFenced(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode, token string) (uint64, bool, error) {
 	h, payload, err := envelope.Decode(env)
 	if err != nil {
 		return 0, false, fmt.Errorf("layercache: raw write of %q: %w", key, err)
@@ -806,24 +901,60 @@ func (s *rawStore) write(ctx context.Context, key string, env []byte, ttl time.D
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-	return scriptResult(scripts.RawWrite.Run(ctx, s.client, []string{raw, stamp},
-		payload, v[:], ttlMillis(rawTTL(h, ttl)), modeArg(mode), boolArg(h.Negative())))
+	rt := rawTTL(h, s.now())
+	if rt <= 0 && mode == writeCopy {
+		return 0, false, nil
+	}
+	keys := []string{raw, stamp}
+	args := []any{payload, v[:], ttlMillis(rt), modeArg(mode), boolArg(h.Negative())}
+	if token != "" {
+		fence, _ := companion(raw, rawFenceSuffix)
+		keys, args = append(keys, fence), append(args, token)
+	}
+	return scriptResult(scripts.RawWrite.Run(ctx, s.client, keys, args...))
+}
+
+func (s *rawStore) fenceKey(key string) (string, error) {
+	raw, _, err := s.keysOf(key)
+	if err != nil {
+		return "", err
+	}
+	return companion(raw, rawFenceSuffix)
+}
+
+func (s *rawStore) arm(ctx context.Context, key, token string) error {
+	fence, err := s.fenceKey(key)
+	if err != nil {
+		return err
+	}
+	return armFence(ctx, s.client, fence, token)
+}
+
+func (s *rawStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	_, stamp, err := s.keysOf(key)
+	if err != nil {
+		return 0, err
+	}
+	fence, _ := companion(s.rawKey(key), rawFenceSuffix)
+	return armThenRead(ctx, s.client, fence, token, true, func(p redis.Pipeliner) *redis.StringCmd { return p.Get(ctx, stamp) })
 }
 
 func (s *rawStore) del(ctx context.Context, keys []string) error {
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			raw, stamp, err := s.keysOf(k)
-			if err != nil {
-				p.Del(ctx, s.rawKey(k)) // no companions can exist for it
-				continue
+	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
+		lk, err := s.leaseKeys(k)
+		if err != nil {
+			// No companions can exist for it. A key refused for
+			// looking like a companion is left alone: its raw key is
+			// another key's stamp, lease or fence.
+			if !isCompanion(s.rawKey(k)) {
+				p.Del(ctx, s.rawKey(k))
 			}
-			lease, _ := companion(raw, rawLeaseSuffix)
-			p.Del(ctx, raw, stamp, lease) // one slot
+			return nil, ""
 		}
-		return nil
+		fence, _ := companion(lk[0], rawFenceSuffix)
+		p.Del(ctx, lk[0], lk[1], fence) // value, stamp, fence: one slot
+		return []string{lk[0], lk[2]}, s.noticeChannel(k)
 	})
-	return err
 }
 
 func (s *rawStore) exists(ctx context.Context, keys []string) ([]bool, error) {
@@ -847,7 +978,9 @@ func (s *rawStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
 				continue
 			}
 			binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-			ttl = rawTTL(h, ttl)
+			if ttl = rawTTL(h, s.now()); ttl <= 0 {
+				continue // stale already: not repaired (see rawTTL)
+			}
 			code, payload = "s", p
 			if h.Negative() {
 				code = "n"
@@ -983,6 +1116,16 @@ func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 		return st
 	}
 	u := &upgradingStore{store: st, now: c.nowMillis, stats: &c.stats, log: c.log, logs: &c.logBg}
+	if c.vals != nil {
+		codec := c.cfg.codec
+		u.validate = func(ctx context.Context, key string, payload []byte) bool {
+			var v T
+			if err := codec.Unmarshal(payload, &v); err != nil {
+				return true // not the validator's call: the read path counts a bad decode
+			}
+			return c.valid(ctx, key, v)
+		}
+	}
 	for _, up := range upgrades {
 		codec := c.cfg.codec
 		convert := up.convert

@@ -47,6 +47,35 @@ func leaseWriteResult(cmd *redis.Cmd) (uint64, bool, error) {
 	return 0, false, fmt.Errorf("layercache: lease write script returned %v (%T), want a version or 0", v, v)
 }
 
+// ---- copy fences ----
+
+// fenceTTL bounds how long a copy may take from the arming of its fence
+// to its write; a later copy is dropped, which costs at most a miss.
+const fenceTTL = 10 * time.Second
+
+// armFence adds token to a copy fence (see scripts.Arm).
+func armFence(ctx context.Context, client redis.UniversalClient, fence, token string) error {
+	return scripts.Arm.Run(ctx, client, []string{fence}, token, fenceTTL.Milliseconds()).Err()
+}
+
+// armThenRead arms a copy fence and then runs read, a version read in the
+// fence's slot, in one MULTI: one round trip, and the fence is in place
+// before the version is read, so a Delete after the read voids the copy.
+func armThenRead(ctx context.Context, client redis.UniversalClient, fence, token string, stamp bool, read func(redis.Pipeliner) *redis.StringCmd) (uint64, error) {
+	var cmd *redis.StringCmd
+	_, err := client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.SAdd(ctx, fence, token)
+		p.PExpire(ctx, fence, fenceTTL)
+		cmd = read(p)
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return 0, err
+	}
+	b, err := cmd.Bytes()
+	return versionReply(b, err, stamp)
+}
+
 // ---- key per entry: versioned fill and overwrite ----
 
 func (s *keyPerEntryStore) fillVersioned(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
@@ -117,8 +146,6 @@ func (s *hashStore) breakLease(ctx context.Context, key string) error {
 }
 
 // ---- raw ----
-
-const rawNoticeSuffix = "\xfflc:notice"
 
 // leaseKeys returns the raw key, its stamp and its lease.
 func (s *rawStore) leaseKeys(key string) ([]string, error) {
@@ -215,14 +242,14 @@ func (s *rawStore) breakLease(ctx context.Context, key string) error {
 
 // rawWriteArgs returns the payload, version, TTL and negative flag of a
 // raw write of env.
-func rawWriteArgs(key string, env []byte, ttl time.Duration) (payload, version []byte, ms int64, negative string, err error) {
+func rawWriteArgs(key string, env []byte, now int64) (payload, version []byte, ms int64, negative string, err error) {
 	h, p, err := envelope.Decode(env)
 	if err != nil {
 		return nil, nil, 0, "", fmt.Errorf("layercache: raw write of %q: %w", key, err)
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], h.WriteVersion)
-	return p, v[:], ttlMillis(rawTTL(h, ttl)), boolArg(h.Negative()), nil
+	return p, v[:], ttlMillis(rawTTL(h, now)), boolArg(h.Negative()), nil
 }
 
 func (s *rawStore) fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error) {
@@ -235,7 +262,7 @@ func (s *rawStore) fillVersioned(ctx context.Context, key, token string, env []b
 	if err != nil {
 		return 0, false, err
 	}
-	payload, v, ms, neg, err := rawWriteArgs(key, env, ttl)
+	payload, v, ms, neg, err := rawWriteArgs(key, env, s.now())
 	if err != nil {
 		return 0, false, err
 	}
@@ -253,7 +280,7 @@ func (s *rawStore) overwrite(ctx context.Context, key string, env []byte, ttl ti
 	if err != nil {
 		return 0, err
 	}
-	payload, v, ms, neg, err := rawWriteArgs(key, env, ttl)
+	payload, v, ms, neg, err := rawWriteArgs(key, env, s.now())
 	if err != nil {
 		return 0, err
 	}
@@ -311,7 +338,8 @@ func (d *dualStore) fillLeased(ctx context.Context, key, token string, env []byt
 		return false, err
 	}
 	first, second, single := authority(p), 1-authority(p), p == PhaseOld || p == PhaseNewOnly
-	if env, err = d.proposePastOther(ctx, key, env, second, single); err != nil {
+	fence := newLeaseToken()
+	if env, err = d.proposePastOther(ctx, key, env, second, single, fence); err != nil {
 		return false, err
 	}
 	v, ok, err := d.sides[first].fillVersioned(ctx, key, token, env, ttl)
@@ -328,7 +356,12 @@ func (d *dualStore) fillLeased(ctx context.Context, key, token string, env []byt
 	}
 	d.mig.sides[first].writes.Add(1)
 	if !single {
-		_, _, _ = d.writeSide(ctx, second, key, withWriteVersion(env, v), ttl, writeCopy)
+		// The lease guarded the first side only. A Delete may have run
+		// since the fill (removing both sides and both leases); the copy
+		// lands only if the fence armed with the version read survived
+		// it, or the loaded value, older than the Delete, would come
+		// back through the second side.
+		_, _, _ = d.copySide(ctx, second, key, fence, withWriteVersion(env, v), ttl)
 	}
 	return true, nil
 }
@@ -351,7 +384,8 @@ func (d *dualStore) setBreakingLease(ctx context.Context, key string, env []byte
 			return fmt.Errorf("%s side (%v): %w", sideName(second), d.sides[second].layout(), err)
 		}
 	}
-	if env, err = d.proposePastOther(ctx, key, env, second, single); err != nil {
+	fence := newLeaseToken()
+	if env, err = d.proposePastOther(ctx, key, env, second, single, fence); err != nil {
 		return err
 	}
 	v, err := d.sides[first].overwrite(ctx, key, env, ttl)
@@ -365,14 +399,18 @@ func (d *dualStore) setBreakingLease(ctx context.Context, key string, env []byte
 	if single {
 		return nil
 	}
-	_, _, err = d.writeSide(ctx, second, key, withWriteVersion(env, v), ttl, writeCopy)
+	// Fenced: a Delete after the first side's write must not be undone
+	// by this copy landing after it.
+	_, _, err = d.copySide(ctx, second, key, fence, withWriteVersion(env, v), ttl)
 	return err
 }
 
 // proposePastOther is the first step of a fresh write: read the version of
 // the side not written first (dual phases) or take its copy (single-side
-// phases), and raise env's proposal past it.
-func (d *dualStore) proposePastOther(ctx context.Context, key string, env []byte, other int, single bool) ([]byte, error) {
+// phases), and raise env's proposal past it. In the dual phases it arms
+// that side's copy fence with fence first, in the same round trip, for the
+// copy that follows the first side's write (see copySide).
+func (d *dualStore) proposePastOther(ctx context.Context, key string, env []byte, other int, single bool, fence string) ([]byte, error) {
 	var v uint64
 	var err error
 	if single {
@@ -380,7 +418,7 @@ func (d *dualStore) proposePastOther(ctx context.Context, key string, env []byte
 			d.mig.sides[other].invalidations.Add(1)
 		}
 	} else {
-		v, err = d.sides[other].version(ctx, key)
+		v, err = d.sides[other].armVersion(ctx, key, fence)
 	}
 	if err != nil {
 		if ctx.Err() == nil {

@@ -98,7 +98,11 @@ func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (rep Re
 	if err != nil {
 		return rep, err
 	}
-	phase, err := d.mig.current(ctx)
+	// Read the control key now rather than trust the follower's copy,
+	// which may be up to a poll interval old: right after a SetPhase the
+	// cached phase could name the wrong authoritative side, and a repair
+	// would then spread the side that is no longer written first.
+	phase, err := d.mig.refresh(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("layercache: reconcile: read phase: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/layercache/layercache/internal/scripts"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -81,20 +82,61 @@ func (s *keyPerEntryStore) set(ctx context.Context, key string, env []byte, ttl 
 }
 
 func (s *keyPerEntryStore) del(ctx context.Context, keys []string) error {
-	if len(keys) == 1 {
-		// Value and lease share the key's slot, so one DEL takes both.
-		return s.client.Del(ctx, s.keys.entry(keys[0]), s.keys.lease(keys[0])).Err()
+	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
+		p.Del(ctx, s.keys.entry(k), s.keys.entry(k)+kvFenceSuffix)
+		return s.leaseKeys(k), s.noticeChannel(k)
+	})
+}
+
+// dropKeys is the del of every layout. For each key, queue deletes what
+// the layout keeps of it (value and copy fence, so that a copy of a value
+// read before the delete cannot land after it) and returns its lease
+// script keys (value or slot pin, lease) and notice channel, or nil when
+// the key has no lease; the lease is then broken by scripts.BreakLease,
+// which publishes a notice, so that waiters in other processes look again
+// at once instead of sleeping until the broken lease would have expired.
+// Everything is one pipeline (go-redis's ClusterClient splits it by
+// slot); each command and script touches one key's slot. A script the
+// server does not have yet (NOSCRIPT) is run again, loading it.
+func dropKeys(ctx context.Context, client redis.UniversalClient, keys []string, queue func(p redis.Pipeliner, key string) (leaseKeys []string, channel string)) error {
+	type breakCall struct {
+		cmd     *redis.Cmd
+		keys    []string
+		channel string
 	}
-	// One DEL per key: keys of different slots never share a command. A
-	// pipeline keeps it to one round trip per node (go-redis's
-	// ClusterClient splits pipelines by slot).
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+	pub := publishCommand(client)
+	var calls []breakCall
+	cmds, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, k := range keys {
-			p.Del(ctx, s.keys.entry(k), s.keys.lease(k))
+			lk, ch := queue(p, k)
+			if lk == nil {
+				continue
+			}
+			calls = append(calls, breakCall{scripts.BreakLease.EvalSha(ctx, p, lk, pub, ch), lk, ch})
 		}
 		return nil
 	})
-	return err
+	if err == nil {
+		return nil
+	}
+	scriptCmds := make(map[redis.Cmder]bool, len(calls))
+	var errs []error
+	for _, c := range calls {
+		scriptCmds[c.cmd] = true
+		e := c.cmd.Err()
+		if redis.HasErrorPrefix(e, "NOSCRIPT") {
+			e = scripts.BreakLease.Run(ctx, client, c.keys, pub, c.channel).Err()
+		}
+		if e != nil && !errors.Is(e, redis.Nil) {
+			errs = append(errs, e)
+		}
+	}
+	for _, c := range cmds {
+		if e := c.Err(); e != nil && !errors.Is(e, redis.Nil) && !scriptCmds[c] {
+			errs = append(errs, e)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // physicalTTL rounds a lifetime to what Redis accepts: at least 1ms, since

@@ -141,10 +141,28 @@ type oldVersion struct {
 	convert func(payload []byte) ([]byte, error)
 }
 
-// copier is a store that can apply a write in a given mode (layout stores
-// and the dual store).
-type copier interface {
-	write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error)
+// fencedCopier is a store that can arm a key's copy fence and write a copy
+// only while the fence holds (layout stores and the dual store).
+type fencedCopier interface {
+	arm(ctx context.Context, key, token string) error
+	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
+}
+
+// storeVersion returns the highest write version st holds for key: of a
+// layout store, or of either side of a dual store; 0 for other stores.
+func storeVersion(ctx context.Context, st store, key string) (uint64, error) {
+	switch s := st.(type) {
+	case layoutStore:
+		return s.version(ctx, key)
+	case *dualStore:
+		a, err := s.sides[sideOld].version(ctx, key)
+		if err != nil {
+			return 0, err
+		}
+		b, err := s.sides[sideNew].version(ctx, key)
+		return max(a, b), err
+	}
+	return 0, nil
 }
 
 // upgradingStore is the current version's store, plus upgrade on read: a
@@ -161,6 +179,10 @@ type upgradingStore struct {
 	stats *counters
 	log   *slog.Logger
 	logs  *throttledLog
+	// validate, if set, runs the cache's validators on an upgraded
+	// payload; false means it failed (and was counted) and must be
+	// neither written nor served.
+	validate func(ctx context.Context, key string, payload []byte) bool
 }
 
 func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
@@ -168,6 +190,22 @@ func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
 	now := u.now()
 	if err != nil || usable(b, now) {
 		return b, err
+	}
+	// Arm the current version's copy fence before reading an older
+	// version: a Delete after that read deletes the fence with the
+	// current entry (and the older ones), and the upgrade's copy, fenced,
+	// is dropped instead of bringing the deleted value back at the
+	// current version. Without a fence (arming failed) nothing is
+	// copied; the upgraded value is still served.
+	fc, _ := u.store.(fencedCopier)
+	fence := newLeaseToken()
+	if fc != nil {
+		if err := fc.arm(ctx, key, fence); err != nil {
+			if ctx.Err() == nil {
+				u.stats.redisErrors.Add(1)
+			}
+			fc = nil
+		}
 	}
 	for _, o := range u.olds {
 		ob, err := o.st.get(ctx, key)
@@ -186,19 +224,21 @@ func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
 				continue
 			}
 		}
+		// Validate before writing: a value that fails is a miss, and
+		// must not be persisted at the current version either.
+		if !h.Negative() && u.validate != nil && !u.validate(ctx, key, payload) {
+			continue
+		}
 		// Same header: the same absolute expiry, and the old write
 		// version, so that a write made at the current version meanwhile
-		// is newer and wins over this copy.
+		// (proposed past the older versions', see set) is newer and wins
+		// over this copy.
 		env := envelope.Encode(h, payload)
 		ttl := time.Duration(h.ExpiresAt-now) * time.Millisecond
-		var werr error
-		if cp, ok := u.store.(copier); ok {
-			_, _, werr = cp.write(ctx, key, env, ttl, writeCopy)
-		} else {
-			werr = u.store.set(ctx, key, env, ttl)
-		}
-		if werr != nil && ctx.Err() == nil {
-			u.stats.redisErrors.Add(1)
+		if fc != nil {
+			if _, _, werr := fc.copyFenced(ctx, key, fence, env, ttl); werr != nil && ctx.Err() == nil {
+				u.stats.redisErrors.Add(1)
+			}
 		}
 		u.stats.upgrades.Add(1)
 		return env, nil
@@ -206,7 +246,16 @@ func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
 	return b, nil
 }
 
+// set proposes env's version past what the older versions hold for key
+// (one round trip per older version), then writes and drops the older
+// copies. Without the raise, a writer whose clock is behind would write a
+// version below an older version's value, and an upgrade that read that
+// value just before the write would copy it over the write, set-if-newer.
 func (u *upgradingStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+	env, err := u.proposePastOlds(ctx, key, env)
+	if err != nil {
+		return err
+	}
 	if err := u.store.set(ctx, key, env, ttl); err != nil {
 		return err
 	}
@@ -215,10 +264,27 @@ func (u *upgradingStore) set(ctx context.Context, key string, env []byte, ttl ti
 
 // setBreakingLease is set when leases are in use.
 func (u *upgradingStore) setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+	env, err := u.proposePastOlds(ctx, key, env)
+	if err != nil {
+		return err
+	}
 	if err := u.store.setBreakingLease(ctx, key, env, ttl); err != nil {
 		return err
 	}
 	return u.dropOld(ctx, []string{key})
+}
+
+// proposePastOlds raises env's proposed version past every older
+// version's copy of key.
+func (u *upgradingStore) proposePastOlds(ctx context.Context, key string, env []byte) ([]byte, error) {
+	for _, o := range u.olds {
+		v, err := storeVersion(ctx, o.st, key)
+		if err != nil {
+			return nil, fmt.Errorf("read version at older version %s: %w", o.version, err)
+		}
+		env = proposePast(env, v)
+	}
+	return env, nil
 }
 
 func (u *upgradingStore) del(ctx context.Context, keys []string) error {

@@ -109,10 +109,12 @@ local function rawput(rk, sk, payload, v, ttl, mode, neg)
 end
 `
 
-// KVWrite writes a key-per-entry value. KEYS[1] value; ARGV envelope,
-// TTL ms, mode. Returns the stored version (8 bytes), or nil when a copy
-// was not newer.
+// KVWrite writes a key-per-entry value. KEYS[1] value, KEYS[2] (for a
+// fenced copy) the key's copy fence; ARGV envelope, TTL ms, mode, fence
+// token. Returns the stored version (8 bytes), or nil when a copy was not
+// newer or its fence was gone (see Arm).
 var KVWrite = redis.NewScript(Lib + `
+if KEYS[2] and redis.call('SREM', KEYS[2], ARGV[4]) == 0 then return false end
 local v = kvput(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if not v then return false end
 return v
@@ -132,19 +134,23 @@ if ARGV[3] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 `)
 
-// KVTake deletes a value and returns its first 40 bytes (its header, if
-// it is an envelope). KEYS[1] value.
+// KVTake deletes a value and its copy fence (a pending copy must not
+// land on the side a single-side phase emptied) and returns its first 40
+// bytes (its header, if it is an envelope). KEYS[1] value, KEYS[2] fence.
 var KVTake = redis.NewScript(`
 local h = redis.call('GETRANGE', KEYS[1], 0, 39)
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return h
 `)
 
 // HashWrite writes a Hash layout field. KEYS[1] shard hash; ARGV field,
 // envelope, TTL ms, mode, now (the cache's clock, ms). A field past its
 // expiry counts as absent: it only waits for the sweep and must not hold
-// back a copy. The hash key lives as long as its longest-lived field.
+// back a copy. The hash key lives as long as its longest-lived field. A
+// fenced copy also gets KEYS[2], the field's copy fence, and ARGV[6], its
+// token (see Arm).
 var HashWrite = redis.NewScript(Lib + `
+if KEYS[2] and redis.call('SREM', KEYS[2], ARGV[6]) == 0 then return false end
 local v = hashput(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 if not v then return false end
 return v
@@ -169,9 +175,10 @@ if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) en
 return 1
 `)
 
-// HashTake deletes a field and returns its first 40 bytes. KEYS[1] shard
-// hash; ARGV[1] field.
+// HashTake deletes a field and its copy fence and returns the field's
+// first 40 bytes. KEYS[1] shard hash, KEYS[2] fence; ARGV[1] field.
 var HashTake = redis.NewScript(`
+redis.call('DEL', KEYS[2])
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -205,9 +212,11 @@ redis.call('SET', KEYS[1], tostring(now + tonumber(ARGV[2])), 'PX', tonumber(ARG
 return 1
 `)
 
-// RawWrite writes a Raw value and its stamp. KEYS raw key, stamp; ARGV
-// payload, proposed version (8 bytes), TTL ms, mode, negative ('1'/'0').
+// RawWrite writes a Raw value and its stamp. KEYS raw key, stamp, and
+// for a fenced copy the copy fence; ARGV payload, proposed version (8
+// bytes), TTL ms, mode, negative ('1'/'0'), fence token.
 var RawWrite = redis.NewScript(Lib + `
+if KEYS[3] and redis.call('SREM', KEYS[3], ARGV[6]) == 0 then return false end
 local v = rawput(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 if not v then return false end
 return v
@@ -235,11 +244,11 @@ end
 return 1
 `)
 
-// RawTake deletes a Raw value and its stamp, and returns the stamp. KEYS
-// raw key, stamp.
+// RawTake deletes a Raw value, its stamp and its copy fence, and returns
+// the stamp. KEYS raw key, stamp, fence.
 var RawTake = redis.NewScript(`
 local st = redis.call('GET', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return st or false
 `)
 
@@ -342,4 +351,24 @@ if redis.call('DEL', KEYS[2]) == 1 then
 	return 1
 end
 return 0
+`)
+
+// Arm adds a token to a key's copy fence: a set of tokens, in the slot of
+// the side a copy will be written to, that expires ARGV[2] ms after the
+// last token was added. KEYS[1] fence; ARGV token, TTL ms.
+//
+// A copy is a write of a value read elsewhere: the second side of a dual
+// write or fill, a backfill after a fallback read, an upgrade from an
+// older version. The copier arms a fence on the destination before it
+// reads (or writes) the source, and the copy is written, by the layout's
+// write script, only if its token is still in the fence, which the
+// script removes. A Delete deletes the fence with the value, so a copy
+// whose source was read before the Delete cannot land after it, however
+// late it runs; a fence that expired voids its copies, which only costs a
+// miss. Copies of concurrent writers each have their own token, so they
+// all land, set-if-newer, and the sides converge.
+var Arm = redis.NewScript(`
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 `)
