@@ -131,7 +131,11 @@ type migrationOption struct {
 // sides holding the same, newest value. A dual write costs three round
 // trips (the second side's version is read first, so that writers' clocks
 // need not agree), a write in a single-side phase two (the other side's
-// copy is deleted), a read one, a fallback read two, a backfill one more.
+// copy is deleted), a read one, a fallback read three (the preferred
+// side's miss, a fence armed against a Delete racing the backfill, the
+// other side's read), a backfill one more. The copy to the second side and
+// a backfill are fenced: a Delete between their read and their write voids
+// them, so neither brings a deleted value back.
 // [Stats].Migration counts reads, hits, misses, fallbacks, backfills and
 // errors per side.
 //

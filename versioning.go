@@ -92,7 +92,10 @@ type upgradeOption struct {
 //
 // Several may be given (v1 -> v3, v2 -> v3); they are tried in the order
 // given, so list the most recent first: each one costs a Redis read per
-// miss that finds nothing at the current version. A value that does not
+// miss that finds nothing at the current version, plus one to fence the
+// upgrade's write against a Delete racing it. Set reads the older versions'
+// write versions too (one read per older version), so its write version
+// passes theirs whatever the writers' clocks say. A value that does not
 // decode as Old, an upgrade that fails or panics, and an upgraded value
 // that fails a [WithValidator] check are misses (counted in
 // [Stats].UpgradeErrors or ValidationFailures), never served. Cached "not
