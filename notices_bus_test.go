@@ -177,3 +177,70 @@ func TestWaitersPollAfterTheBusCloses(t *testing.T) {
 		}
 	})
 }
+
+// TestDeleteWakesWaiters: a Delete breaks the key's lease with a notice, so
+// a waiter in another process takes over at once instead of sleeping until
+// the broken lease would have expired.
+func TestDeleteWakesWaiters(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		ns := redistest.Namespace(t)
+		opts := []Option{WithNamespace(ns), WithLocks(time.Minute, time.Minute), WithLogger(discardLogger())}
+		waiter, err := New[string](tgt.NewClient(t), opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer waiter.Close()
+		deleter, err := New[string](tgt.NewClient(t), opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer deleter.Close()
+		client := tgt.NewClient(t)
+		// A holder in another process, alive but slow: its lease lasts a minute.
+		if err := client.Set(ctx, waiter.keys.lease("k"), "slow-holder", time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan string, 1)
+		go func() {
+			v, _ := waiter.Fetch(ctx, "k", func(context.Context) (string, error) { return "reloaded", nil })
+			got <- v
+		}()
+		deadline := time.Now().Add(10 * time.Second)
+		for waiter.Stats().LeaseWaits == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("the Fetch never started waiting")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		// Once its subscription is confirmed the waiter stops polling and
+		// sleeps toward the lease's expiry: only a notice can wake it.
+		channel := waiter.store.noticeChannel("k")
+		for {
+			waiter.notices.mu.Lock()
+			nc := waiter.notices.channels[channel]
+			confirmed := nc != nil && nc.confirmed
+			waiter.notices.mu.Unlock()
+			if confirmed {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the waiter's notice subscription was never confirmed")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		start := time.Now()
+		if err := deleter.Delete(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case v := <-got:
+			if v != "reloaded" {
+				t.Fatalf("waiter got %q, want its own load after the Delete freed the lease", v)
+			}
+			t.Logf("waiter took over %v after the Delete", time.Since(start))
+		case <-time.After(15 * time.Second):
+			t.Fatal("a Delete broke the lease without waking the waiters")
+		}
+	})
+}
