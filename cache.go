@@ -53,7 +53,7 @@ type Cache[T any] struct {
 	mig    *migration     // nil unless WithMigration
 	sweeps []*hashStore   // Hash layouts swept in the background
 	bg     sync.WaitGroup // background goroutines; Close waits for them
-	logBg  throttledLog
+	logBg  throttledLog   // background work: sweeps, upgrades, refreshes
 
 	closeCtx  context.Context // cancelled by Close; stops detached loads
 	closeFn   context.CancelFunc
@@ -384,9 +384,8 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 		return zero, ErrClosed
 	}
 	if leader {
-		// The load outlives this caller if it gives up: it keeps the
-		// caller's values (trace context) but not its cancellation.
-		go c.runLoad(context.WithoutCancel(ctx), key, f, load)
+		// The load outlives this caller if it gives up (see detach).
+		go c.runLoad(ctx, key, f, load)
 	} else {
 		c.stats.coalesced.Add(1)
 	}
@@ -406,10 +405,8 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
 	// finish takes the flight out of the group, then releases its callers.
 	defer c.flights.finish(key, f)
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := c.detach(ctx)
 	defer cancel()
-	stop := context.AfterFunc(c.closeCtx, cancel)
-	defer stop()
 
 	if c.cfg.lockTTL > 0 {
 		// One load per key across processes: lease.go.
@@ -435,6 +432,15 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
 			slog.String("key", key), slog.Any("err", err))
 	}
+}
+
+// detach returns a context for work that outlives its caller (a shared
+// load, a background refresh): it keeps ctx's values (trace context) but
+// not its cancellation, and Close cancels it.
+func (c *Cache[T]) detach(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(c.closeCtx, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // timedLoad calls load bounded by the load timeout and measures it.

@@ -75,14 +75,10 @@ func (c *Cache[T]) startRefresh(ctx context.Context, key string, load func(conte
 	if !c.refresh.begin(key) {
 		return false
 	}
-	// Keep the caller's values (trace context), not its cancellation.
-	ctx = context.WithoutCancel(ctx)
 	go func() {
 		defer c.refresh.end(key)
-		ctx, cancel := context.WithCancel(ctx)
+		ctx, cancel := c.detach(ctx)
 		defer cancel()
-		stop := context.AfterFunc(c.closeCtx, cancel)
-		defer stop()
 		c.runRefresh(ctx, key, load)
 	}()
 	return true
@@ -95,7 +91,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 	if err != nil {
 		if ctx.Err() == nil {
 			c.stats.redisErrors.Add(1)
-			c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: background refresh could not take the lease",
+			c.logBg.log(ctx, c.log, slog.LevelWarn, "layercache: background refresh could not take the lease",
 				slog.String("key", key), slog.Any("err", err))
 		}
 		return
@@ -115,7 +111,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 		c.refresh.setBackoff(key, now, now+c.cfg.failSafeWait.Milliseconds())
 	}
 	c.stats.refreshErrors.Add(1) // after the backoff: a reader that sees the count sees the backoff
-	c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: background refresh failed; the cached value is still served",
+	c.logBg.log(ctx, c.log, slog.LevelWarn, "layercache: background refresh failed; the cached value is still served",
 		slog.String("key", key), slog.Duration("backoff", c.cfg.failSafeWait), slog.Any("err", err))
 }
 
