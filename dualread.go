@@ -234,10 +234,7 @@ func (m *migration) refresh(ctx context.Context) (Phase, error) {
 // that carries a "phase changed" notice calls it, and the control key
 // stays the only source of truth (a forged notice costs one GET).
 func (m *migration) notify() {
-	select {
-	case m.poke <- struct{}{}:
-	default:
-	}
+	poke(m.poke)
 }
 
 // follow re-reads the phase every m.every (with ±10% jitter, so that a

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -357,18 +358,7 @@ func (b *Bus) detach(route string, t busTier) {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	tiers := b.routes[route]
-	for i, x := range tiers {
-		if x == t {
-			tiers = append(tiers[:i:i], tiers[i+1:]...)
-			break
-		}
-	}
-	if len(tiers) == 0 {
-		delete(b.routes, route)
-	} else {
-		b.routes[route] = tiers
-	}
+	removeFrom(b.routes, route, t)
 }
 
 // leaseNotices returns the bus's lease-notice subscription, so that every
@@ -399,17 +389,30 @@ func (b *Bus) followPhase(m *migration) {
 func (b *Bus) unfollowPhase(m *migration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	ms := b.phases[m.name]
-	for i, x := range ms {
-		if x == m {
-			ms = append(ms[:i:i], ms[i+1:]...)
-			break
-		}
+	removeFrom(b.phases, m.name, m)
+}
+
+// removeFrom removes v from the list m[k], and the entry once the list is
+// empty. It builds a new slice rather than shifting in place: readers may
+// still range over the old one.
+func removeFrom[K, V comparable](m map[K][]V, k K, v V) {
+	s := m[k]
+	if i := slices.Index(s, v); i >= 0 {
+		s = append(s[:i:i], s[i+1:]...)
 	}
-	if len(ms) == 0 {
-		delete(b.phases, m.name)
+	if len(s) == 0 {
+		delete(m, k)
 	} else {
-		b.phases[m.name] = ms
+		m[k] = s
+	}
+}
+
+// poke wakes the goroutine that receives on ch, unless a wake-up is
+// already pending there (ch has a buffer of one, or a receiver is due).
+func poke(ch chan<- struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
@@ -434,12 +437,15 @@ func (b *Bus) SetPhase(ctx context.Context, name string, p Phase) error {
 	}
 	b.mu.RUnlock()
 	b.pubMu.Lock()
+	if b.drained {
+		// Close took the last batch during the control-key write: the
+		// other nodes see the phase at their next poll.
+		b.pubMu.Unlock()
+		return nil
+	}
 	b.phased[name] = struct{}{}
 	b.pubMu.Unlock()
-	select {
-	case b.kick <- struct{}{}:
-	default:
-	}
+	poke(b.kick)
 	return nil
 }
 
@@ -451,9 +457,13 @@ func (b *Bus) publish(route string, keys []string, from busTier) {
 		return // closed: the attached tiers are off, other nodes have their TTL
 	}
 	b.mu.RLock()
+	var others []string // a copy for them: keys handed to an interface escape, and Set's slice need not
 	for _, t := range b.routes[route] {
 		if t != from {
-			t.invalidate(keys)
+			if others == nil {
+				others = slices.Clone(keys)
+			}
+			t.invalidate(others)
 		}
 	}
 	b.mu.RUnlock()
@@ -469,10 +479,7 @@ func (b *Bus) publish(route string, keys []string, from busTier) {
 	}
 	b.enqueueLocked(route, keys, false)
 	b.pubMu.Unlock()
-	select {
-	case b.kick <- struct{}{}:
-	default: // the publisher is already due to run
-	}
+	poke(b.kick)
 }
 
 func (b *Bus) enqueueLocked(route string, keys []string, flush bool) {
@@ -630,10 +637,10 @@ func (b *Bus) setDown(reason error) {
 	}
 }
 
-// setUp turns local hits on, flushing the local tiers first when flush is
+// markCurrent turns local hits on, flushing the local tiers first when flush is
 // set (a fill that read Redis before the flush cannot store after it: see
 // localTier).
-func (b *Bus) setUp(flush bool) {
+func (b *Bus) markCurrent(flush bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -772,7 +779,7 @@ func (b *Bus) runPubSub() {
 		switch m := msg.(type) {
 		case *redis.Subscription:
 			if m.Kind == "subscribe" && m.Channel == b.cfg.channel {
-				b.setUp(true)
+				b.markCurrent(true)
 				b.stats.subscriptions.Add(1) // after the flush it caused
 			}
 		case *redis.Message:
@@ -853,7 +860,7 @@ func (b *Bus) runStream() {
 			}
 			if int64(len(entries)) < count {
 				current = true
-				b.setUp(false)
+				b.markCurrent(false)
 			}
 			continue
 		}

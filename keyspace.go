@@ -2,11 +2,12 @@ package layercache
 
 import (
 	"fmt"
+	"github.com/layercache/layercache/internal/busmsg"
 	"strings"
 )
 
 // MaxKeyLen is the longest user key, in bytes, that a [Cache] accepts.
-const MaxKeyLen = 1024
+const MaxKeyLen = busmsg.MaxKeyLen // one limit: the bus must carry every key
 
 const maxNameLen = 128
 

@@ -202,10 +202,7 @@ func (h *noticeHub) signal(channel string, event, confirmed bool) {
 		if event {
 			w.confirmed.Store(confirmed)
 		}
-		select {
-		case w.wake <- struct{}{}:
-		default:
-		}
+		poke(w.wake)
 	}
 }
 
@@ -220,10 +217,7 @@ func (h *noticeHub) close() {
 	for _, nc := range h.channels {
 		for w := range nc.watches {
 			w.confirmed.Store(false)
-			select {
-			case w.wake <- struct{}{}:
-			default:
-			}
+			poke(w.wake)
 		}
 	}
 	h.mu.Unlock()
