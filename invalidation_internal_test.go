@@ -281,8 +281,16 @@ func TestPubSubSilentDeath(t *testing.T) {
 		if err := bus.Ready(wait); err != nil {
 			t.Fatal(err)
 		}
-		if st := bus.Stats(); st.Subscriptions < 2 || st.Flushes < 2 {
-			t.Fatalf("after recovery: %+v", st)
+		// Ready returns once hits are on; the subscription is counted just
+		// after (see runPubSub), so give the counter a moment.
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			st := bus.Stats()
+			if st.Subscriptions >= 2 && st.Flushes >= 2 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after recovery: %+v", st)
+			}
 		}
 	})
 }

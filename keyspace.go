@@ -42,6 +42,10 @@ func (ks keyspace) entry(key string) string {
 // lease returns the Redis key of a user key's lease.
 func (ks keyspace) lease(key string) string { return ks.entry(key) + ":lease" }
 
+// fence returns the Redis key of a user key's copy fence (see the layouts'
+// arm), beside its lease in its slot.
+func (ks keyspace) fence(key string) string { return ks.entry(key) + ":copy" }
+
 // notice returns the pub/sub channel on which fills and releases of a user
 // key's lease are announced. Like the lease, it carries the key's hash tag,
 // so a sharded publish from a script stays in the key's slot.

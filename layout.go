@@ -239,9 +239,6 @@ type layoutStore interface {
 	// of a value read elsewhere is written only if the fence armed before
 	// that read still holds its token, so a Delete in between voids it.
 
-	// fenceKey returns key's copy fence, in its value's slot; del and
-	// take delete it.
-	fenceKey(key string) (string, error)
 	// arm adds token to key's copy fence.
 	arm(ctx context.Context, key, token string) error
 	// armVersion arms key's copy fence, then reads key's version (as
@@ -347,23 +344,16 @@ func (s *keyPerEntryStore) write(ctx context.Context, key string, env []byte, tt
 }
 
 func (s *keyPerEntryStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
-	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix},
+	return scriptResult(scripts.KVWrite.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.fence(key)},
 		env, ttlMillis(ttl), modeArg(writeCopy), token))
 }
 
-// kvFenceSuffix makes a key-per-entry key's copy fence, beside its lease.
-const kvFenceSuffix = ":copy"
-
-func (s *keyPerEntryStore) fenceKey(key string) (string, error) {
-	return s.keys.entry(key) + kvFenceSuffix, nil
-}
-
 func (s *keyPerEntryStore) arm(ctx context.Context, key, token string) error {
-	return armFence(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token)
+	return armFence(ctx, s.client, s.keys.fence(key), token)
 }
 
 func (s *keyPerEntryStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
-	return armThenRead(ctx, s.client, s.keys.entry(key)+kvFenceSuffix, token, false, func(p redis.Pipeliner) *redis.StringCmd {
+	return armThenRead(ctx, s.client, s.keys.fence(key), token, false, func(p redis.Pipeliner) *redis.StringCmd {
 		return p.GetRange(ctx, s.keys.entry(key), 0, envelope.HeaderSize-1)
 	})
 }
@@ -427,7 +417,7 @@ func (s *keyPerEntryStore) version(ctx context.Context, key string) (uint64, err
 }
 
 func (s *keyPerEntryStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.entry(key) + kvFenceSuffix}).Text()
+	b, err := scripts.KVTake.Run(ctx, s.client, []string{s.keys.entry(key), s.keys.fence(key)}).Text()
 	return versionReply([]byte(b), err, false)
 }
 
@@ -541,8 +531,6 @@ func (s *hashStore) copyFenced(ctx context.Context, key, token string, env []byt
 
 // fence returns key's copy fence, beside its lease in its shard's slot.
 func (s *hashStore) fence(key string) string { return s.shardOf(key) + ":copy:" + key }
-
-func (s *hashStore) fenceKey(key string) (string, error) { return s.fence(key), nil }
 
 func (s *hashStore) arm(ctx context.Context, key, token string) error {
 	return armFence(ctx, s.client, s.fence(key), token)
@@ -825,7 +813,9 @@ func (s *rawStore) decode(r rawParts) record {
 	h := envelope.Header{WrittenAt: now, FreshUntil: exp, ExpiresAt: exp}
 	if len(r.stamp) == 8+40 {
 		sum := sha1.Sum(r.payload)
-		if hex.EncodeToString(sum[:]) == string(r.stamp[8:]) {
+		var digest [40]byte // on the stack: this runs on every Raw hit
+		hex.Encode(digest[:], sum[:])
+		if string(digest[:]) == string(r.stamp[8:]) {
 			h.WriteVersion = binary.BigEndian.Uint64(r.stamp[:8])
 		}
 	}
@@ -833,14 +823,12 @@ func (s *rawStore) decode(r rawParts) record {
 }
 
 func (s *rawStore) get(ctx context.Context, key string) ([]byte, error) {
-	var r rawReads
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		r = s.queueRead(ctx, p, key)
-		return nil
-	})
+	p := s.client.Pipeline() // not Pipelined: its closure would escape on every hit
+	r := s.queueRead(ctx, p, key)
 	if r.err != nil {
 		return nil, r.err
 	}
+	_, err := p.Exec(ctx)
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return nil, err
 	}

@@ -83,7 +83,7 @@ func (s *keyPerEntryStore) set(ctx context.Context, key string, env []byte, ttl 
 
 func (s *keyPerEntryStore) del(ctx context.Context, keys []string) error {
 	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
-		p.Del(ctx, s.keys.entry(k), s.keys.entry(k)+kvFenceSuffix)
+		p.Del(ctx, s.keys.entry(k), s.keys.fence(k))
 		return s.leaseKeys(k), s.noticeChannel(k)
 	})
 }
