@@ -366,7 +366,9 @@ func TestLoaderPanic(t *testing.T) {
 		for range n {
 			go func() { _, err := c.Fetch(ctx, "p", load); errs <- err }()
 		}
-		time.Sleep(50 * time.Millisecond) // let them gather on one flight
+		// All n on one flight before the loader may end (a late joiner
+		// would start, and panic in, a second load).
+		waitFor(t, func() bool { return c.Stats().Coalesced == n-1 })
 		close(release)
 		for range n {
 			err := <-errs

@@ -210,9 +210,9 @@ func ExampleWithChannel() {
 	if err := bus.Ready(ctx); err != nil {
 		panic(err)
 	}
-	fmt.Println("subscriptions:", bus.Stats().Subscriptions)
+	fmt.Println("subscribed to:", rdb.PubSubChannels(ctx, "*").Val())
 	// Output:
-	// subscriptions: 1
+	// subscribed to: [checkout-service:invalidation]
 }
 
 func ExampleWithBusLogger() {

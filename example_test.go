@@ -1,6 +1,7 @@
 package layercache_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -104,10 +105,16 @@ func ExampleWithTTLJitter() {
 	// do not expire together.
 	c, _ := layercache.New[int](rdb, layercache.WithNamespace("jitter"), layercache.WithTTL(time.Minute), layercache.WithTTLJitter(0.1))
 	defer c.Close()
-	_ = c.Set(ctx, "k", 1)
-	ttl := rdb.PTTL(ctx, "jitter:v1:{k}").Val()
-	fmt.Println(ttl >= 53*time.Second && ttl <= 66*time.Second)
-	// Output: true
+	inRange, distinct := true, map[time.Duration]bool{}
+	for i := range 20 {
+		key := fmt.Sprint("k", i)
+		_ = c.Set(ctx, key, i)
+		ttl := rdb.PTTL(ctx, layercache.RedisKey("jitter", "v1", key)).Val()
+		inRange = inRange && ttl >= 53*time.Second && ttl <= 66*time.Second // 54s less a second of clock
+		distinct[ttl.Round(10*time.Millisecond)] = true
+	}
+	fmt.Println("all within ±10%:", inRange, "spread out:", len(distinct) > 1)
+	// Output: all within ±10%: true spread out: true
 }
 
 func ExampleWithCodec() {
@@ -120,8 +127,18 @@ func ExampleWithCodec() {
 	defer pages.Close()
 	_ = pages.Set(ctx, "/home", []byte("<h1>hello</h1>"))
 	b, _ := pages.Get(ctx, "/home")
-	fmt.Println(string(b))
-	// Output: <h1>hello</h1>
+	stored, _ := rdb.Get(ctx, "pages:v1:{/home}").Bytes()
+	fmt.Println(string(b), "stored as is:", bytes.HasSuffix(stored, b)) // JSON would store base64
+	// Output: <h1>hello</h1> stored as is: true
+}
+
+func ExampleRedisKey() {
+	// Where operators and tools find a cache's values.
+	fmt.Println(layercache.RedisKey("users", "v1", "42"))
+	fmt.Println(layercache.RedisKey("users", "v1", "a}b")) // '}' escaped: the hash tag holds the whole key
+	// Output:
+	// users:v1:{42}
+	// users:v1:{a\]b}
 }
 
 func ExampleWithNegativeTTL() {

@@ -270,9 +270,8 @@ func TestPubSubSilentDeath(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
-		if took := time.Since(start); took > 20*health {
-			t.Logf("declared dead after %v (health interval %v)", took, health)
-		}
+		// Deliberately soft: the bound is the 20s Fatal above.
+		t.Logf("declared dead after %v (health interval %v)", time.Since(start), health)
 		if c.local.get("k") != nil {
 			t.Fatal("local hits still on after the subscription was declared dead")
 		}

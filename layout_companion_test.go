@@ -49,11 +49,7 @@ func TestRawRefusesCompanionLikeKeys(t *testing.T) {
 // must not cost its ~85ms of CPU on every New.
 func TestShardTagsMemoised(t *testing.T) {
 	a := shardTags(MaxHashShards)
-	start := time.Now()
 	b := shardTags(MaxHashShards)
-	if d := time.Since(start); d > 10*time.Millisecond {
-		t.Errorf("second shardTags(%d) took %v", MaxHashShards, d)
-	}
 	if &a[0] != &b[0] {
 		t.Error("shardTags recomputed the tags")
 	}
