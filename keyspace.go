@@ -2,8 +2,9 @@ package layercache
 
 import (
 	"fmt"
-	"github.com/layercache/layercache/internal/busmsg"
 	"strings"
+
+	"github.com/layercache/layercache/internal/busmsg"
 )
 
 // MaxKeyLen is the longest user key, in bytes, that a [Cache] accepts.

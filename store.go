@@ -2,10 +2,11 @@ package layercache
 
 import (
 	"context"
-	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
 	"time"
 
-	"github.com/layercache/layercache/internal/scripts"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -61,89 +62,218 @@ type leaseAttempt struct {
 	heldFor  time.Duration // when not acquired: the holder's remaining lease time
 }
 
-// keyPerEntryStore keeps each entry in its own string key,
-// namespace:version:{key}.
-type keyPerEntryStore struct {
-	client redis.UniversalClient
-	keys   keyspace
+// writeMode says how a layout store applies a write.
+type writeMode uint8
+
+const (
+	// writeFresh is a new value (Set, a fill): it replaces what is there,
+	// and the stored write version is the proposal or, if the entry
+	// already holds a version at or past it, that version's counter plus
+	// one (see bumpVersion). Writes to one entry thus get increasing
+	// versions in the order Redis applies them, whatever the writers'
+	// clocks say.
+	writeFresh writeMode = iota
+	// writeCopy is set-if-newer: a copy of a value that already has its
+	// version (the second side of a dual write, a backfill, an upgrade).
+	// It is applied only if the entry holds no version at or past it, so
+	// a retried or reordered copy never makes an entry older.
+	writeCopy
+)
+
+// record is one entry as read by a batch read: the envelope the read path
+// would see (synthesised for Raw) and the bytes actually stored, which a
+// compare-and-set repair must find unchanged.
+type record struct {
+	env    []byte // nil when absent
+	native []byte // nil when absent
+	found  bool   // native is present (even if env could not be made)
 }
 
-func (s *keyPerEntryStore) get(ctx context.Context, key string) ([]byte, error) {
-	b, err := s.client.Get(ctx, s.keys.entry(key)).Bytes()
-	if errors.Is(err, redis.Nil) {
-		return nil, nil
+// casOp is one compare-and-set of a repair: if the entry still holds
+// expect, replace it by env (or delete it when env is nil).
+type casOp struct {
+	key    string
+	expect record
+	env    []byte
+	ttl    time.Duration
+}
+
+// layoutStore is a store made by a Layout. Beyond the read path's store,
+// it offers what dual writes, reconciliation and the sweep need.
+//
+// Every layoutStore keeps a key's lease and notice channel in its value's
+// slot (see layout_lease.go), so a script may check the lease and write
+// the value together.
+type layoutStore interface {
+	store
+	layout() Layout
+	// write applies env for key in the given mode and returns the write
+	// version stored, or written=false when a copy was not newer.
+	write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (version uint64, written bool, err error)
+	// readMany reads keys in one round trip per node.
+	readMany(ctx context.Context, keys []string) ([]record, error)
+	// exists reports, in one round trip per node, which keys have a
+	// stored value (found, in readMany's terms).
+	exists(ctx context.Context, keys []string) ([]bool, error)
+	// casMany applies compare-and-set repairs, reporting which applied.
+	casMany(ctx context.Context, ops []casOp) ([]bool, error)
+	// version returns the write version key holds (0 if none). It may
+	// overstate it (a stale Raw stamp), never understate it.
+	version(ctx context.Context, key string) (uint64, error)
+	// take deletes key's value and returns the write version it held:
+	// the invalidation of the side a single-side phase does not write.
+	take(ctx context.Context, key string) (uint64, error)
+
+	// fillVersioned is fillLeased, also returning the version stored.
+	fillVersioned(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
+	// overwrite is setBreakingLease, returning the version stored.
+	overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error)
+	// breakLease drops key's lease, whoever holds it, with a notice.
+	breakLease(ctx context.Context, key string) error
+
+	// Copy fences (scripts.Arm, layout_lease.go): a copy into this store
+	// of a value read elsewhere is written only if the fence armed before
+	// that read still holds its token, so a Delete in between voids it.
+
+	// arm adds token to key's copy fence.
+	arm(ctx context.Context, key, token string) error
+	// armVersion arms key's copy fence, then reads key's version (as
+	// version does), in one round trip.
+	armVersion(ctx context.Context, key, token string) (uint64, error)
+	// copyFenced is write in writeCopy mode, applied only if token is
+	// still in key's copy fence (and taking it out).
+	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
+}
+
+// newLayoutStore returns the store of l for a cache's keyspace.
+func newLayoutStore(client redis.UniversalClient, keys keyspace, l Layout, now func() int64, ttl time.Duration) layoutStore {
+	switch l.kind {
+	case kindHash:
+		return newHashStore(client, keys, l, now)
+	case kindRaw:
+		return &rawStore{client: client, l: l, now: now, ttl: ttl}
 	}
-	return b, err
+	return &keyPerEntryStore{client: client, keys: keys}
 }
 
-func (s *keyPerEntryStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	_, _, err := s.write(ctx, key, env, ttl, writeFresh)
-	return err
-}
+const defaultSweepEvery = 30 * time.Second
 
-func (s *keyPerEntryStore) del(ctx context.Context, keys []string) error {
-	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
-		p.Del(ctx, s.keys.entry(k), s.keys.fence(k))
-		return s.leaseKeys(k), s.noticeChannel(k)
-	})
-}
-
-// dropKeys is the del of every layout. For each key, queue deletes what
-// the layout keeps of it (value and copy fence, so that a copy of a value
-// read before the delete cannot land after it) and returns its lease
-// script keys (value or slot pin, lease) and notice channel, or nil when
-// the key has no lease; the lease is then broken by scripts.BreakLease,
-// which publishes a notice, so that waiters in other processes look again
-// at once instead of sleeping until the broken lease would have expired.
-// Everything is one pipeline (go-redis's ClusterClient splits it by
-// slot); each command and script touches one key's slot. A script the
-// server does not have yet (NOSCRIPT) is run again, loading it.
-func dropKeys(ctx context.Context, client redis.UniversalClient, keys []string, queue func(p redis.Pipeliner, key string) (leaseKeys []string, channel string)) error {
-	type breakCall struct {
-		cmd     *redis.Cmd
-		keys    []string
-		channel string
-	}
-	pub := publishCommand(client)
-	var calls []breakCall
-	cmds, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			lk, ch := queue(p, k)
-			if lk == nil {
-				continue
+// buildStore makes the cache's store from its layout or migration, wraps
+// it for upgrade on read, and starts the background work (phase follower,
+// Hash sweeps), which Close stops and waits for. It runs at the end of
+// New, after every option has been checked.
+func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
+	build := func(keys keyspace) store {
+		switch {
+		case c.cfg.migration != nil:
+			m := c.cfg.migration
+			if c.mig == nil {
+				c.mig = newMigration(m.name, c.client, c.cfg.phasePoll, c.log)
 			}
-			calls = append(calls, breakCall{scripts.BreakLease.EvalSha(ctx, p, lk, pub, ch), lk, ch})
+			return &dualStore{mig: c.mig, now: c.nowMillis, sides: [2]layoutStore{
+				newLayoutStore(c.client, keys, m.from, c.nowMillis, c.cfg.ttl),
+				newLayoutStore(c.client, keys, m.to, c.nowMillis, c.cfg.ttl),
+			}}
+		case c.cfg.layout != nil:
+			return newLayoutStore(c.client, keys, *c.cfg.layout, c.nowMillis, c.cfg.ttl)
 		}
-		return nil
-	})
-	if err == nil {
-		return nil
+		return &keyPerEntryStore{client: c.client, keys: keys}
 	}
-	scriptCmds := make(map[redis.Cmder]bool, len(calls))
-	var errs []error
-	for _, c := range calls {
-		scriptCmds[c.cmd] = true
-		e := c.cmd.Err()
-		if redis.HasErrorPrefix(e, "NOSCRIPT") {
-			e = scripts.BreakLease.Run(ctx, client, c.keys, pub, c.channel).Err()
-		}
-		if e != nil && !errors.Is(e, redis.Nil) {
-			errs = append(errs, e)
-		}
-	}
-	for _, c := range cmds {
-		if e := c.Err(); e != nil && !errors.Is(e, redis.Nil) && !scriptCmds[c] {
-			errs = append(errs, e)
+	st := build(c.keys)
+	// Only the current version's Hash stores are swept: older versions
+	// are read, not written, and their keys expire or are purged.
+	switch s := st.(type) {
+	case *hashStore:
+		c.sweeps = append(c.sweeps, s)
+	case *dualStore:
+		for _, side := range s.sides {
+			if h, ok := side.(*hashStore); ok {
+				c.sweeps = append(c.sweeps, h)
+			}
 		}
 	}
-	return errors.Join(errs...)
+	if c.mig != nil {
+		c.bg.Add(1)
+		go func() { defer c.bg.Done(); c.mig.follow(c.closeCtx) }()
+	}
+	for _, h := range c.sweeps {
+		c.bg.Add(1)
+		go func() { defer c.bg.Done(); c.sweepLoop(h) }()
+	}
+	if len(upgrades) == 0 {
+		return st
+	}
+	u := &upgradingStore{store: st, now: c.nowMillis, stats: &c.stats, log: c.log, logs: &c.logBg}
+	if c.vals != nil {
+		codec := c.cfg.codec
+		u.validate = func(ctx context.Context, key string, payload []byte) bool {
+			var v T
+			if err := codec.Unmarshal(payload, &v); err != nil {
+				return true // not the validator's call: the read path counts a bad decode
+			}
+			return c.valid(ctx, key, v)
+		}
+	}
+	for _, up := range upgrades {
+		codec := c.cfg.codec
+		convert := up.convert
+		u.olds = append(u.olds, oldVersion{
+			version: up.version,
+			st:      build(c.keys.withVersion(up.version)),
+			convert: func(p []byte) ([]byte, error) { return convert(codec, p) },
+		})
+	}
+	return u
 }
 
-// physicalTTL rounds a lifetime to what Redis accepts: at least 1ms, since
-// PX 0 is an error and a zero TTL would make the key live forever.
-func physicalTTL(ttl time.Duration) time.Duration {
-	if ttl < time.Millisecond {
-		return time.Millisecond
+// sweepLoop sweeps h every sweepEvery (jittered) until Close.
+func (c *Cache[T]) sweepLoop(h *hashStore) {
+	every := c.cfg.sweepEvery
+	t := time.NewTimer(jitterDur(every))
+	defer t.Stop()
+	for {
+		select {
+		case <-c.closeCtx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := h.sweep(c.closeCtx, c.nowMillis(), every)
+		c.stats.swept.Add(uint64(n))
+		if err != nil && c.closeCtx.Err() == nil {
+			c.stats.redisErrors.Add(1)
+			c.logBg.log(c.closeCtx, c.log, slog.LevelWarn, "layercache: sweeping expired hash fields failed",
+				slog.String("layout", h.l.String()), slog.Any("err", err))
+		}
+		t.Reset(jitterDur(every))
 	}
-	return ttl
+}
+
+// jitterDur spreads d by ±10%.
+func jitterDur(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.9 + 0.2*rand.Float64()))
+}
+
+// parseLeaseAttempt decodes the Acquire script's {value|nil, taken, pttl}.
+func parseLeaseAttempt(res []any) (leaseAttempt, error) {
+	var a leaseAttempt
+	if len(res) != 3 {
+		return a, fmt.Errorf("layercache: lease script returned %d values, want 3", len(res))
+	}
+	switch v := res[0].(type) {
+	case nil:
+	case string:
+		a.env = []byte(v)
+	default:
+		return a, fmt.Errorf("layercache: lease script returned a %T value", v)
+	}
+	taken, ok1 := res[1].(int64)
+	pttl, ok2 := res[2].(int64)
+	if !ok1 || !ok2 {
+		return a, fmt.Errorf("layercache: lease script returned %T, %T; want integers", res[1], res[2])
+	}
+	a.acquired = taken == 1
+	if pttl > 0 {
+		a.heldFor = time.Duration(pttl) * time.Millisecond
+	}
+	return a, nil
 }
