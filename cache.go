@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -29,7 +28,7 @@ type Cache[T any] struct {
 	log    *slog.Logger
 
 	flights flightGroup[T]
-	stats   counters
+	rec     recorder
 
 	notices       *noticeHub // lease notices; nil without WithLocks
 	sharedNotices bool       // notices belongs to the bus, which closes it
@@ -51,7 +50,6 @@ type Cache[T any] struct {
 	vals   *validation[T] // nil without WithValidator
 	writes *writeClock
 	mig    *migration     // nil unless WithMigration
-	sweeps []*hashStore   // Hash layouts swept in the background
 	bg     sync.WaitGroup // background goroutines; Close waits for them
 	logBg  throttledLog   // background work: sweeps, upgrades, refreshes
 
@@ -206,76 +204,15 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 	case stateFresh:
 		return e.val, nil
 	case stateStale:
-		c.stats.misses.Add(1)
+		c.rec.inc(evMiss)
 	}
 	return zero, fmt.Errorf("%w: %q", ErrNotFound, key)
 }
 
-// Set writes value for key, fresh for the cache's TTL. A load of key that
-// is running in this process when Set is called never overwrites it. With
-// [WithLocks], Set also breaks the key's lease, so no load running in any
-// other process overwrites it either; with [WithEarlyRefresh] or
-// [WithStaleWhileRevalidate] alone, that holds for their background
-// refreshes but not for another process's plain miss load, which can land
-// its (older) value just after the Set.
-//
-// If value cannot be cached (it fails to encode, or exceeds
-// [WithMaxValueSize]), Set deletes the key instead, so that no older value
-// is served after the write it stands for, and returns the error.
-func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
-	if err := checkKey(key); err != nil {
-		return err
-	}
-	c.flights.invalidate(key)
-	var err error
-	if c.usesLeases() {
-		err = c.setBreakingLease(ctx, key, value) // lease.go
-	} else {
-		err = c.write(ctx, key, value, 0, false)
-	}
-	if errors.Is(err, errUnencodable) {
-		// The caller changed the source of truth; the old cached value
-		// is now wrong. Delete takes the lease too, fencing other fills.
-		if delErr := c.store.del(ctx, []string{key}); delErr != nil {
-			c.stats.redisErrors.Add(1)
-			err = errors.Join(err, fmt.Errorf("layercache: delete %q after a failed Set: %w", key, delErr))
-		}
-	}
-	// After the write, so no fill can bring the old value back; and even
-	// after a failed one, which may have reached Redis.
-	c.invalidate(key)
-	return err
-}
-
-// Delete removes keys, which may fall in different Redis Cluster slots,
-// together with any lease on them. A load of one of them running in this
-// process when Delete is called will not cache its value. All keys are
-// checked before anything is deleted.
-func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
-	for _, k := range keys {
-		if err := checkKey(k); err != nil {
-			return err
-		}
-	}
-	if len(keys) == 0 {
-		return nil
-	}
-	for _, k := range keys {
-		c.flights.invalidate(k)
-	}
-	err := c.store.del(ctx, keys)
-	c.invalidate(keys...)
-	if err != nil {
-		c.stats.redisErrors.Add(1)
-		return fmt.Errorf("layercache: delete: %w", err)
-	}
-	c.stats.deletes.Add(uint64(len(keys)))
-	return nil
-}
-
 // Stats returns a snapshot of the cache's counters.
 func (c *Cache[T]) Stats() Stats {
-	st := c.stats.snapshot()
+	var st Stats
+	c.rec.snapshotInto(&st, 0, evSideReads)
 	st.Migration = c.mig.snapshot()
 	return st
 }
@@ -307,27 +244,27 @@ func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
 	raw, err := c.store.get(ctx, key)
 	if err != nil {
 		if ctx.Err() == nil {
-			c.stats.redisErrors.Add(1)
+			c.rec.inc(evRedisError)
 			c.logReadFailed.log(ctx, c.log, slog.LevelWarn, "layercache: redis read failed; loading instead",
 				slog.String("key", key), slog.Any("err", err))
 		}
-		c.stats.misses.Add(1)
+		c.rec.inc(evMiss)
 		return e, err
 	}
 	if raw == nil {
-		c.stats.misses.Add(1)
+		c.rec.inc(evMiss)
 		return e, nil
 	}
 	e = c.decode(ctx, key, raw, c.nowMillis())
 	switch e.state {
 	case stateFresh:
-		c.stats.redisHits.Add(1)
+		c.rec.inc(evRedisHit)
 		c.local.put(key, tok, &e)
 	case stateNegative:
-		c.stats.negativeHits.Add(1)
+		c.rec.inc(evNegativeHit)
 		c.local.put(key, tok, &e)
 	case stateMiss:
-		c.stats.misses.Add(1)
+		c.rec.inc(evMiss)
 	case stateStale:
 		// Counted by the caller: served by Fetch, a miss for Get.
 	}
@@ -370,7 +307,7 @@ func (c *Cache[T]) decode(ctx context.Context, key string, raw []byte, now int64
 }
 
 func (c *Cache[T]) decodeFailed(ctx context.Context, key string, err error) {
-	c.stats.decodeErrors.Add(1)
+	c.rec.inc(evDecodeError)
 	c.logDecodeFailed.log(ctx, c.log, slog.LevelWarn, "layercache: cached value does not decode; treating it as a miss",
 		slog.String("key", key), slog.Any("err", err))
 }
@@ -387,7 +324,7 @@ func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context
 		// The load outlives this caller if it gives up (see detach).
 		go c.runLoad(ctx, key, f, load)
 	} else {
-		c.stats.coalesced.Add(1)
+		c.rec.inc(evCoalesced)
 	}
 	select {
 	case <-f.done:
@@ -425,10 +362,10 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 	defer f.fill.Unlock()
 	if f.stale.Load() {
 		// A Set or Delete overtook this load; its value may be older.
-		c.stats.skippedWrite.Add(1)
+		c.rec.inc(evSkippedWrite)
 		return
 	}
-	if err := c.write(ctx, key, f.val, took, f.err != nil); err != nil && !errors.Is(err, ErrValueTooLarge) {
+	if err := c.write(ctx, key, f.val, took, f.err != nil, writeOpts{}); err != nil && !errors.Is(err, ErrValueTooLarge) && ctx.Err() == nil {
 		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
 			slog.String("key", key), slog.Any("err", err))
 	}
@@ -460,11 +397,11 @@ func (c *Cache[T]) cacheable(err error) bool {
 
 // callLoader calls load, turning a panic into a *PanicError.
 func (c *Cache[T]) callLoader(ctx context.Context, key string, load func(context.Context) (T, error)) (val T, err error) {
-	c.stats.loads.Add(1)
+	c.rec.inc(evLoad)
 	defer func() {
 		if r := recover(); r != nil {
-			c.stats.loadPanics.Add(1)
-			c.stats.loadErrors.Add(1)
+			c.rec.inc(evLoadPanic)
+			c.rec.inc(evLoadError)
 			pe := &PanicError{Value: r, Stack: debug.Stack()}
 			c.log.LogAttrs(ctx, slog.LevelError, "layercache: loader panicked",
 				slog.String("key", key), slog.Any("panic", r), slog.String("stack", string(pe.Stack)))
@@ -474,70 +411,9 @@ func (c *Cache[T]) callLoader(ctx context.Context, key string, load func(context
 	}()
 	val, err = load(ctx)
 	if err != nil && !errors.Is(err, ErrNotFound) {
-		c.stats.loadErrors.Add(1)
+		c.rec.inc(evLoadError)
 	}
 	return val, err
-}
-
-// write stores value (or a negative entry) for key.
-func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Duration, negative bool) error {
-	env, ttl, err := c.encode(key, value, took, negative)
-	if err != nil {
-		return err
-	}
-	if err := c.store.set(ctx, key, env, ttl); err != nil {
-		c.stats.redisErrors.Add(1)
-		return fmt.Errorf("layercache: write %q: %w", key, err)
-	}
-	c.countWrite(negative)
-	return nil
-}
-
-// encode returns the envelope of value (or of a negative entry) for key and
-// its physical TTL: the (jittered) fresh TTL plus the stale grace.
-func (c *Cache[T]) encode(key string, value T, took time.Duration, negative bool) ([]byte, time.Duration, error) {
-	var payload []byte
-	hdr := envelope.Header{LoadDuration: took}
-	ttl := c.cfg.ttl
-	var grace time.Duration
-	if negative {
-		hdr.Flags = envelope.FlagNegative
-		ttl = c.cfg.negativeTTL
-	} else {
-		var err error
-		if payload, err = c.cfg.codec.Marshal(value); err != nil {
-			return nil, 0, fmt.Errorf("layercache: encode %q: %w%w", key, err, errUnencodable)
-		}
-		if c.cfg.maxValue > 0 && len(payload) > c.cfg.maxValue {
-			c.stats.skippedWrite.Add(1)
-			return nil, 0, fmt.Errorf("%w: %q encodes to %d bytes, the limit is %d%w", ErrValueTooLarge, key, len(payload), c.cfg.maxValue, errUnencodable)
-		}
-		ttl = c.jitter(ttl)
-		grace = c.cfg.grace
-	}
-	now := c.nowMillis()
-	hdr.WrittenAt = now
-	hdr.WriteVersion = c.writes.next()
-	hdr.FreshUntil = now + ttl.Milliseconds()
-	hdr.ExpiresAt = hdr.FreshUntil + grace.Milliseconds()
-	return envelope.Encode(hdr, payload), ttl + grace, nil
-}
-
-func (c *Cache[T]) countWrite(negative bool) {
-	if negative {
-		c.stats.negativeWrites.Add(1)
-	} else {
-		c.stats.writes.Add(1)
-	}
-}
-
-// jitter spreads ttl by the configured fraction.
-func (c *Cache[T]) jitter(ttl time.Duration) time.Duration {
-	if c.cfg.jitter == 0 {
-		return ttl
-	}
-	f := 1 + c.cfg.jitter*(2*rand.Float64()-1)
-	return time.Duration(float64(ttl) * f)
 }
 
 func (c *Cache[T]) nowMillis() int64 { return c.cfg.clock.Now().UnixMilli() }

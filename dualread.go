@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -181,6 +180,7 @@ type migration struct {
 	key    string
 	client redis.UniversalClient
 	every  time.Duration
+	clock  Clock
 	log    *slog.Logger
 
 	phase atomic.Int32
@@ -188,13 +188,13 @@ type migration struct {
 	mu    sync.Mutex    // one control-key read at a time
 	poke  chan struct{} // asks the follower to re-read now
 
-	sides   [2]sideCounters // old, new
+	sides   [2]recorder // old, new: evSide* events
 	changes atomic.Uint64
 	logErr  throttledLog
 }
 
-func newMigration(name string, client redis.UniversalClient, every time.Duration, log *slog.Logger) *migration {
-	return &migration{name: name, key: PhaseKey(name), client: client, every: every, log: log,
+func newMigration(name string, client redis.UniversalClient, every time.Duration, clock Clock, log *slog.Logger) *migration {
+	return &migration{name: name, key: PhaseKey(name), client: client, every: every, clock: clock, log: log,
 		poke: make(chan struct{}, 1)}
 }
 
@@ -239,32 +239,26 @@ func (m *migration) notify() {
 // follow re-reads the phase every m.every (with ±10% jitter, so that a
 // fleet does not read in lockstep) or when notified, until ctx ends.
 func (m *migration) follow(ctx context.Context) {
-	t := time.NewTimer(0) // read at once: most caches start before their first request
-	defer t.Stop()
+	next := time.Duration(0) // read at once: most caches start before their first request
 	for {
+		t, stop := m.clock.NewTimer(next)
 		select {
 		case <-ctx.Done():
+			stop()
 			return
-		case <-t.C:
+		case <-t:
 		case <-m.poke:
-			if !t.Stop() {
-				select {
-				case <-t.C:
-				default:
-				}
-			}
 		}
+		stop()
 		rctx, cancel := context.WithTimeout(ctx, max(m.every, time.Second))
 		if _, err := m.refresh(rctx); err != nil && ctx.Err() == nil {
 			m.logErr.log(ctx, m.log, slog.LevelWarn, "layercache: cannot read the migration phase; keeping the last one",
 				slog.String("migration", m.name), slog.Any("err", err))
 		}
 		cancel()
-		t.Reset(time.Duration(float64(m.every) * (0.9 + 0.2*rand.Float64())))
+		next = jitterDur(m.every)
 	}
 }
-
-// ---- per-side counters ----
 
 // SideStats counts the traffic of one side of a migration.
 type SideStats struct {
@@ -297,22 +291,12 @@ type MigrationStats struct {
 	Old, New SideStats
 }
 
-type sideCounters struct {
-	reads, hits, misses, fallbacks, backfills, writes, invalidations, errors atomic.Uint64
-}
-
-func (s *sideCounters) snapshot() SideStats {
-	return SideStats{
-		Reads: s.reads.Load(), Hits: s.hits.Load(), Misses: s.misses.Load(),
-		Fallbacks: s.fallbacks.Load(), Backfills: s.backfills.Load(),
-		Writes: s.writes.Load(), Invalidations: s.invalidations.Load(), Errors: s.errors.Load(),
-	}
-}
-
 func (m *migration) snapshot() MigrationStats {
 	if m == nil {
 		return MigrationStats{}
 	}
-	return MigrationStats{Name: m.name, Phase: Phase(m.phase.Load()), PhaseChanges: m.changes.Load(),
-		Old: m.sides[0].snapshot(), New: m.sides[1].snapshot()}
+	st := MigrationStats{Name: m.name, Phase: Phase(m.phase.Load()), PhaseChanges: m.changes.Load()}
+	m.sides[sideOld].snapshotInto(&st.Old, evSideReads, numEvents)
+	m.sides[sideNew].snapshotInto(&st.New, evSideReads, numEvents)
+	return st
 }

@@ -23,14 +23,14 @@ func (h *hookSide) fire() {
 	}
 }
 
-func (h *hookSide) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
+func (h *hookSide) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
 	h.fire()
-	return h.layoutStore.write(ctx, key, env, ttl, mode)
+	return h.layoutStore.write(ctx, key, env, ttl, w)
 }
 
-func (h *hookSide) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
+func (h *hookSide) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error) {
 	h.fire()
-	return h.layoutStore.copyFenced(ctx, key, token, env, ttl)
+	return h.layoutStore.writeMany(ctx, ops)
 }
 
 var fenceLayouts = append([]struct {
@@ -61,15 +61,15 @@ func TestDualCopyAfterDeleteIsDropped(t *testing.T) {
 						if err != nil || !att.acquired {
 							t.Fatal(att, err)
 						}
-						if ok, err := d.fillLeased(ctx, "k", "tok", env, time.Minute); err != nil || !ok {
-							t.Fatal(ok, err)
+						if r, err := d.write(ctx, "k", env, time.Minute, writeOpts{lease: "tok"}); err != nil || !r.written {
+							t.Fatal(r, err)
 						}
 					case "set-breaking-lease":
-						if err := d.setBreakingLease(ctx, "k", env, time.Minute); err != nil {
+						if _, err := d.write(ctx, "k", env, time.Minute, writeOpts{breakLease: true}); err != nil {
 							t.Fatal(err)
 						}
 					case "set":
-						if err := d.set(ctx, "k", env, time.Minute); err != nil {
+						if _, err := d.write(ctx, "k", env, time.Minute, writeOpts{}); err != nil {
 							t.Fatal(err)
 						}
 					}
@@ -95,7 +95,7 @@ func TestDualBackfillAfterDeleteIsDropped(t *testing.T) {
 			redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
 				ctx := context.Background()
 				d := newTestDual(t, tgt, lc.from, lc.to, PhaseReadOldFirst)
-				if _, _, err := d.sides[sideNew].write(ctx, "k", testEnv(uint64(time.Now().UnixMilli())<<16|1, "v1"), time.Minute, writeFresh); err != nil {
+				if _, err := d.sides[sideNew].write(ctx, "k", testEnv(uint64(time.Now().UnixMilli())<<16|1, "v1"), time.Minute, writeOpts{}); err != nil {
 					t.Fatal(err)
 				}
 				d.sides[sideOld] = &hookSide{layoutStore: d.sides[sideOld], before: func() {
@@ -109,11 +109,11 @@ func TestDualBackfillAfterDeleteIsDropped(t *testing.T) {
 				if got := payloadOf(t, d, "k"); got != "<absent>" {
 					t.Errorf("read after the Delete = %q, want a miss (the backfill landed after the Delete)", got)
 				}
-				if n := d.mig.sides[sideOld].backfills.Load(); n != 0 {
+				if n := d.mig.sides[sideOld].get(evSideBackfills); n != 0 {
 					t.Errorf("%d backfills counted, want 0", n)
 				}
 				// Without a Delete the backfill still lands.
-				if _, _, err := d.sides[sideNew].write(ctx, "k2", testEnv(uint64(time.Now().UnixMilli())<<16|1, "v2"), time.Minute, writeFresh); err != nil {
+				if _, err := d.sides[sideNew].write(ctx, "k2", testEnv(uint64(time.Now().UnixMilli())<<16|1, "v2"), time.Minute, writeOpts{}); err != nil {
 					t.Fatal(err)
 				}
 				_ = payloadOf(t, d, "k2")
@@ -135,7 +135,7 @@ func TestRawBackfillKeepsStaleStale(t *testing.T) {
 		now := time.Now().UnixMilli()
 		env := envelope.Encode(envelope.Header{WrittenAt: now - 120_000, FreshUntil: now - 60_000, ExpiresAt: now + 3_600_000,
 			WriteVersion: uint64(now)<<16 | 1}, []byte(`"x"`))
-		if _, _, err := d.sides[sideNew].write(ctx, "k", env, time.Hour, writeCopy); err != nil {
+		if _, err := d.sides[sideNew].write(ctx, "k", env, time.Hour, writeOpts{copy: true}); err != nil {
 			t.Fatal(err)
 		}
 		_ = payloadOf(t, d, "k") // fallback, and the backfill into Raw

@@ -17,7 +17,7 @@ func newTestDual(t *testing.T, tgt *redistest.Target, from, to func(ns string) L
 	ns := redistest.Namespace(t)
 	keys := newKeyspace(ns, "v1")
 	now := func() int64 { return time.Now().UnixMilli() }
-	m := newMigration(ns, client, time.Hour, nil)
+	m := newMigration(ns, client, time.Hour, systemClock{}, nil)
 	m.phase.Store(int32(p))
 	m.known.Store(true)
 	return &dualStore{mig: m, now: now, sides: [2]layoutStore{
@@ -64,42 +64,36 @@ func TestBackfillLosesToAConcurrentWrite(t *testing.T) {
 				// The old side holds "v1", written by an instance whose
 				// clock runs an hour ahead.
 				ahead := uint64(time.Now().Add(time.Hour).UnixMilli())<<16 | 1
-				if _, _, err := d.sides[sideOld].write(ctx, "k", testEnv(ahead, "v1"), time.Minute, writeFresh); err != nil {
+				if _, err := d.sides[sideOld].write(ctx, "k", testEnv(ahead, "v1"), time.Minute, writeOpts{}); err != nil {
 					t.Fatal(err)
 				}
-				// Reader: preferred (new) side misses, the old side has v1.
-				if _, hit, _ := d.read(ctx, sideNew, "k", false); hit {
-					t.Fatal("the new side should miss")
-				}
-				fence := newLeaseToken()
-				if err := d.sides[sideNew].arm(ctx, "k", fence); err != nil {
-					t.Fatal(err)
-				}
-				stale, hit, err := d.read(ctx, sideOld, "k", true)
-				if err != nil || !hit {
-					t.Fatalf("fallback read: %v, %v", hit, err)
-				}
-				// Writer, with a correct clock (an hour behind the first).
+				// Writer, with a correct clock (an hour behind the first),
+				// lands between the reader's fallback read and its backfill.
 				behind := uint64(time.Now().UnixMilli())<<16 | 2
-				if err := d.set(ctx, "k", testEnv(behind, "v2"), time.Minute); err != nil {
-					t.Fatal(err)
+				d.sides[sideNew] = &hookSide{layoutStore: d.sides[sideNew], before: func() {
+					if _, err := d.write(ctx, "k", testEnv(behind, "v2"), time.Minute, writeOpts{}); err != nil {
+						t.Error(err)
+					}
+				}}
+				// Reader: preferred (new) side misses, the old side has v1;
+				// the backfill arrives after the write.
+				if got := payloadOf(t, d, "k"); got != "v1" {
+					t.Fatalf("fallback read = %q, want v1", got)
 				}
-				// The reader's backfill arrives late.
-				d.backfill(ctx, sideNew, "k", fence, stale)
 				for side := range d.sides {
 					if got := payloadOf(t, d.sides[side], "k"); got != "v2" {
 						t.Fatalf("%s side holds %q after the late backfill; want the newer write v2", sideName(side), got)
 					}
 				}
-				if d.mig.sides[sideNew].backfills.Load() != 0 {
+				if d.mig.sides[sideNew].get(evSideBackfills) != 0 {
 					t.Fatal("a rejected backfill was counted")
 				}
 				// A backfill onto a side that lacks the key lands.
-				if err := d.sides[sideNew].arm(ctx, "other", fence); err != nil {
+				if _, err := d.sides[sideOld].write(ctx, "other", testEnv(behind, "x"), time.Minute, writeOpts{}); err != nil {
 					t.Fatal(err)
 				}
-				d.backfill(ctx, sideNew, "other", fence, testEnv(behind, "x"))
-				if got := payloadOf(t, d.sides[sideNew], "other"); got != "x" || d.mig.sides[sideNew].backfills.Load() != 1 {
+				_ = payloadOf(t, d, "other")
+				if got := payloadOf(t, d.sides[sideNew], "other"); got != "x" || d.mig.sides[sideNew].get(evSideBackfills) != 1 {
 					t.Fatalf("backfill onto an absent key: %q", got)
 				}
 			})
@@ -128,15 +122,15 @@ func TestReorderedDualWritesConverge(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					env := proposePast(testEnv(proposal, payload), other)
-					v, ok, err := d.sides[sideOld].write(ctx, key, env, time.Minute, writeFresh)
-					if err != nil || !ok {
-						t.Fatalf("first side: %v, %v", ok, err)
+					env := envelope.ProposePast(testEnv(proposal, payload), other)
+					r, err := d.sides[sideOld].write(ctx, key, env, time.Minute, writeOpts{})
+					if err != nil || !r.written {
+						t.Fatalf("first side: %v, %v", r.written, err)
 					}
-					return half{withWriteVersion(env, v), v}
+					return half{envelope.WithWriteVersion(env, r.version), r.version}
 				}
 				secondHalf := func(key string, h half) {
-					if _, _, err := d.sides[sideNew].write(ctx, key, h.env, time.Minute, writeCopy); err != nil {
+					if _, err := d.sides[sideNew].write(ctx, key, h.env, time.Minute, writeOpts{copy: true}); err != nil {
 						t.Fatal(err)
 					}
 				}
@@ -189,10 +183,10 @@ func TestSingleSidePhaseInvalidatesTheOtherSide(t *testing.T) {
 			d := newTestDual(t, tgt, dualLayouts[0].from, dualLayouts[0].to, p)
 			active, other := authority(p), 1-authority(p)
 			ahead := uint64(time.Now().Add(time.Hour).UnixMilli())<<16 | 1
-			if _, _, err := d.sides[other].write(ctx, "k", testEnv(ahead, "old"), time.Minute, writeFresh); err != nil {
+			if _, err := d.sides[other].write(ctx, "k", testEnv(ahead, "old"), time.Minute, writeOpts{}); err != nil {
 				t.Fatal(err)
 			}
-			if err := d.set(ctx, "k", testEnv(uint64(time.Now().UnixMilli())<<16|2, "new"), time.Minute); err != nil {
+			if _, err := d.write(ctx, "k", testEnv(uint64(time.Now().UnixMilli())<<16|2, "new"), time.Minute, writeOpts{}); err != nil {
 				t.Fatal(err)
 			}
 			if got := payloadOf(t, d.sides[other], "k"); got != "<absent>" {
@@ -202,7 +196,7 @@ func TestSingleSidePhaseInvalidatesTheOtherSide(t *testing.T) {
 			if v>>16 <= ahead>>16 {
 				t.Fatalf("%v: stored version %x not past the other side's %x", p, v, ahead)
 			}
-			if d.mig.sides[other].invalidations.Load() != 1 {
+			if d.mig.sides[other].get(evSideInvalidations) != 1 {
 				t.Fatalf("%v: invalidations not counted", p)
 			}
 		}
@@ -251,7 +245,7 @@ func TestSetAcrossThePhaseSwitchBreaksBothLeases(t *testing.T) {
 		keys := newKeyspace(ns, "v1")
 		now := func() int64 { return time.Now().UnixMilli() }
 		mk := func(p Phase) *dualStore {
-			m := newMigration(ns, client, time.Hour, nil)
+			m := newMigration(ns, client, time.Hour, systemClock{}, nil)
 			m.phase.Store(int32(p))
 			m.known.Store(true)
 			return &dualStore{mig: m, now: now, sides: [2]layoutStore{
@@ -265,12 +259,12 @@ func TestSetAcrossThePhaseSwitchBreaksBothLeases(t *testing.T) {
 			t.Fatalf("acquire: %+v, %v", att, err)
 		}
 		p := uint64(time.Now().UnixMilli()) << 16
-		if err := ahead.setBreakingLease(ctx, "k", testEnv(p|2, "set"), time.Minute); err != nil {
+		if _, err := ahead.write(ctx, "k", testEnv(p|2, "set"), time.Minute, writeOpts{breakLease: true}); err != nil {
 			t.Fatal(err)
 		}
-		ok, err := lagging.fillLeased(ctx, "k", "token", testEnv(p|1, "stale fill"), time.Minute)
-		if err != nil || ok {
-			t.Fatalf("the fill of a broken lease: %v, %v", ok, err)
+		r, err := lagging.write(ctx, "k", testEnv(p|1, "stale fill"), time.Minute, writeOpts{lease: "token"})
+		if err != nil || r.written {
+			t.Fatalf("the fill of a broken lease: %v, %v", r.written, err)
 		}
 		for side := range ahead.sides {
 			if got := payloadOf(t, ahead.sides[side], "k"); got != "set" {

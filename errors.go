@@ -59,6 +59,10 @@ func (e *PanicError) Is(target error) bool { return target == ErrLoaderPanic }
 // the message.
 var errUnencodable = silentError{}
 
+// errLeaseLost reports a fill under a lease that was no longer held (it
+// expired, or a write broke it): nothing was written.
+var errLeaseLost = errors.New("layercache: lease lost before the fill")
+
 type silentError struct{}
 
 func (silentError) Error() string { return "" }

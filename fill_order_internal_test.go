@@ -20,12 +20,12 @@ type pausedSetStore struct {
 	release chan struct{}
 }
 
-func (s *pausedSetStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
+func (s *pausedSetStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
 	if s.armed.CompareAndSwap(true, false) {
 		close(s.entered)
 		<-s.release
 	}
-	return s.store.set(ctx, key, env, ttl)
+	return s.store.write(ctx, key, env, ttl, w)
 }
 
 // TestWriteDuringFillWins: a Set or Delete made while a fill is on its way

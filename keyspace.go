@@ -40,17 +40,24 @@ func (ks keyspace) entry(key string) string {
 	return ks.prefix + escapeTag(key) + "}"
 }
 
-// lease returns the Redis key of a user key's lease.
-func (ks keyspace) lease(key string) string { return ks.entry(key) + ":lease" }
+// Suffixes of the keys and channel tied to a value key, in its slot.
+const (
+	leaseSuffix  = ":lease"
+	fenceSuffix  = ":copy"
+	noticeSuffix = ":notice"
+)
 
-// fence returns the Redis key of a user key's copy fence (see the layouts'
-// arm), beside its lease in its slot.
-func (ks keyspace) fence(key string) string { return ks.entry(key) + ":copy" }
+// lease returns the Redis key of a user key's lease.
+func (ks keyspace) lease(key string) string { return ks.entry(key) + leaseSuffix }
+
+// fence returns the Redis key of a user key's copy fence (see
+// scripts.Arm), beside its lease in its slot.
+func (ks keyspace) fence(key string) string { return ks.entry(key) + fenceSuffix }
 
 // notice returns the pub/sub channel on which fills and releases of a user
 // key's lease are announced. Like the lease, it carries the key's hash tag,
 // so a sharded publish from a script stays in the key's slot.
-func (ks keyspace) notice(key string) string { return ks.entry(key) + ":notice" }
+func (ks keyspace) notice(key string) string { return ks.entry(key) + noticeSuffix }
 
 // pattern returns a SCAN MATCH pattern for every key of the keyspace.
 func (ks keyspace) pattern() string { return globEscape(ks.prefix) + "*" }

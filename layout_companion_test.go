@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/layercache/layercache/internal/envelope"
 	"github.com/layercache/layercache/internal/redistest"
 )
 
@@ -19,12 +20,12 @@ func TestRawRefusesCompanionLikeKeys(t *testing.T) {
 		now := func() int64 { return time.Now().UnixMilli() }
 		s := newLayoutStore(client, newKeyspace(ns, "v1"), Raw(ns+":p:%s"), now, time.Minute)
 		env := testEnv(uint64(now())<<16|1, "v")
-		if err := s.set(ctx, "{42}", env, time.Minute); err != nil {
+		if _, err := s.write(ctx, "{42}", env, time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
 		for _, suf := range []string{rawStampSuffix, rawLeaseSuffix, rawNoticeSuffix, rawFenceSuffix} {
 			k := "{42}" + suf
-			if err := s.set(ctx, k, env, time.Minute); !errors.Is(err, ErrInvalidKey) {
+			if _, err := s.write(ctx, k, env, time.Minute, writeOpts{}); !errors.Is(err, ErrInvalidKey) {
 				t.Errorf("set(%q) = %v, want ErrInvalidKey", k, err)
 			}
 			if _, err := s.get(ctx, k); !errors.Is(err, ErrInvalidKey) {
@@ -39,8 +40,8 @@ func TestRawRefusesCompanionLikeKeys(t *testing.T) {
 		if err != nil || b == nil {
 			t.Fatalf("get({42}) = %v, %v", b, err)
 		}
-		if v := headerVersion(b); v != headerVersion(env) {
-			t.Fatalf("version of {42} = %x, want %x (its stamp was lost or overwritten)", v, headerVersion(env))
+		if v := envelope.WriteVersion(b); v != envelope.WriteVersion(env) {
+			t.Fatalf("version of {42} = %x, want %x (its stamp was lost or overwritten)", v, envelope.WriteVersion(env))
 		}
 	})
 }

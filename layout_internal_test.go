@@ -47,34 +47,34 @@ func TestWriteModes(t *testing.T) {
 		for _, s := range stores {
 			t.Run(s.layout().String(), func(t *testing.T) {
 				key := "k"
-				got, ok, err := s.write(ctx, key, testEnv(v(1000, writerA), "one"), time.Minute, writeFresh)
-				if err != nil || !ok || got != v(1000, writerA) {
-					t.Fatalf("first fresh write: %x, %v, %v", got, ok, err)
+				r, err := s.write(ctx, key, testEnv(v(1000, writerA), "one"), time.Minute, writeOpts{})
+				if err != nil || !r.written || r.version != v(1000, writerA) {
+					t.Fatalf("first fresh write: %x, %v, %v", r.version, r.written, err)
 				}
 				// A fresh write proposing an older version still lands, one
 				// counter step past the stored version, with its writer id.
-				got, ok, err = s.write(ctx, key, testEnv(v(10, writerB), "two"), time.Minute, writeFresh)
-				if err != nil || !ok || got != v(1001, writerB) {
-					t.Fatalf("fresh write behind the stored version: %x, %v, %v; want %x", got, ok, err, v(1001, writerB))
+				r, err = s.write(ctx, key, testEnv(v(10, writerB), "two"), time.Minute, writeOpts{})
+				if err != nil || !r.written || r.version != v(1001, writerB) {
+					t.Fatalf("fresh write behind the stored version: %x, %v, %v; want %x", r.version, r.written, err, v(1001, writerB))
 				}
 				if sv, p := storedVersion(t, s, key); sv != v(1001, writerB) || p != "two" {
 					t.Fatalf("stored %x %q", sv, p)
 				}
 				// Copies are set-if-newer: equal or older ones are dropped.
 				for _, old := range []uint64{v(1001, writerB), v(1001, writerA), v(5, writerA)} {
-					if _, ok, err := s.write(ctx, key, testEnv(old, "stale"), time.Minute, writeCopy); err != nil || ok {
-						t.Fatalf("copy of %x over %x: written=%v, %v", old, v(1001, writerB), ok, err)
+					if r, err := s.write(ctx, key, testEnv(old, "stale"), time.Minute, writeOpts{copy: true}); err != nil || r.written {
+						t.Fatalf("copy of %x over %x: written=%v, %v", old, v(1001, writerB), r.written, err)
 					}
 				}
-				if _, ok, err := s.write(ctx, key, testEnv(v(2000, writerA), "newer"), time.Minute, writeCopy); err != nil || !ok {
-					t.Fatalf("newer copy: written=%v, %v", ok, err)
+				if r, err := s.write(ctx, key, testEnv(v(2000, writerA), "newer"), time.Minute, writeOpts{copy: true}); err != nil || !r.written {
+					t.Fatalf("newer copy: written=%v, %v", r.written, err)
 				}
 				if sv, p := storedVersion(t, s, key); sv != v(2000, writerA) || p != "newer" {
 					t.Fatalf("stored %x %q after a newer copy", sv, p)
 				}
 				// A copy lands on an absent entry.
-				if _, ok, err := s.write(ctx, "absent", testEnv(v(1, writerA), "x"), time.Minute, writeCopy); err != nil || !ok {
-					t.Fatalf("copy onto an absent entry: %v, %v", ok, err)
+				if r, err := s.write(ctx, "absent", testEnv(v(1, writerA), "x"), time.Minute, writeOpts{copy: true}); err != nil || !r.written {
+					t.Fatalf("copy onto an absent entry: %v, %v", r.written, err)
 				}
 			})
 		}
@@ -88,8 +88,8 @@ func TestWriteModes(t *testing.T) {
 		if sv, p := storedVersion(t, raw, "k"); sv != 0 || p != "foreign" {
 			t.Fatalf("after a foreign write: version %x, %q; want 0, foreign", sv, p)
 		}
-		if _, ok, err := raw.write(ctx, "k", testEnv(v(3, writerA), "copy"), time.Minute, writeCopy); err != nil || !ok {
-			t.Fatalf("copy over an unversioned raw value: %v, %v", ok, err)
+		if r, err := raw.write(ctx, "k", testEnv(v(3, writerA), "copy"), time.Minute, writeOpts{copy: true}); err != nil || !r.written {
+			t.Fatalf("copy over an unversioned raw value: %v, %v", r.written, err)
 		}
 	})
 }
@@ -103,16 +103,16 @@ func TestExpiredHashFieldDoesNotBlockCopies(t *testing.T) {
 		now := func() int64 { return clock.Now().UnixMilli() }
 		s := newHashStore(tgt.NewClient(t), newKeyspace(redistest.Namespace(t), "v1"), Hash(2), now)
 		high := uint64(time.Now().Add(time.Hour).UnixMilli()) << 16
-		if _, _, err := s.write(ctx, "k", testEnv(high, "expired"), time.Minute, writeFresh); err != nil {
+		if _, err := s.write(ctx, "k", testEnv(high, "expired"), time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
-		if _, ok, _ := s.write(ctx, "k", testEnv(5<<16, "copy"), time.Minute, writeCopy); ok {
+		if r, _ := s.write(ctx, "k", testEnv(5<<16, "copy"), time.Minute, writeOpts{copy: true}); r.written {
 			t.Fatal("a lower copy replaced a live field")
 		}
 		clock.Advance(2 * time.Minute)
 		env := envelope.Encode(envelope.Header{WrittenAt: now(), FreshUntil: now() + 60_000, ExpiresAt: now() + 60_000, WriteVersion: 5 << 16}, []byte("copy"))
-		if _, ok, err := s.write(ctx, "k", env, time.Minute, writeCopy); err != nil || !ok {
-			t.Fatalf("a copy over an expired field: written=%v, %v", ok, err)
+		if r, err := s.write(ctx, "k", env, time.Minute, writeOpts{copy: true}); err != nil || !r.written {
+			t.Fatalf("a copy over an expired field: written=%v, %v", r.written, err)
 		}
 	})
 }

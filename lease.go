@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"sync/atomic"
@@ -76,15 +75,11 @@ func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context
 	var (
 		zero     T
 		w        *noticeWatch
-		timer    *time.Timer
 		deadline time.Time
 	)
 	defer func() {
 		if w != nil {
 			c.notices.unwatch(w)
-		}
-		if timer != nil {
-			timer.Stop()
 		}
 	}()
 	for {
@@ -96,7 +91,7 @@ func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context
 			}
 			// Without Redis there is no lease to hold, and writing without
 			// one could land after a Delete: load, return, cache nothing.
-			c.stats.redisErrors.Add(1)
+			c.rec.inc(evRedisError)
 			c.logReadFailed.log(ctx, c.log, slog.LevelWarn, "layercache: lease unavailable; loading without it, the value will not be cached",
 				slog.String("key", key), slog.Any("err", err))
 			val, _, err := c.timedLoad(ctx, key, load)
@@ -113,7 +108,7 @@ func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context
 					c.releaseLease(ctx, key, token)
 				}
 				if e.state == stateStale {
-					c.stats.staleHits.Add(1)
+					c.rec.inc(evStaleHit)
 				}
 				return e.val, nil
 			case e.state == stateNegative:
@@ -127,32 +122,30 @@ func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context
 			return c.loadUnderLease(ctx, key, token, ttl, load, stale)
 		}
 
-		now := time.Now()
+		now := c.cfg.clock.Now()
 		if w == nil {
-			c.stats.leaseWaits.Add(1)
+			c.rec.inc(evLeaseWait)
 			deadline = now.Add(c.cfg.lockWait)
 			w = c.notices.watch(c.store.noticeChannel(key))
 		} else if !now.Before(deadline) {
 			// The holder is slow or stuck; do not hang the callers. The
 			// value is not cached: only a holder may write.
-			c.stats.leaseWaitTimeouts.Add(1)
+			c.rec.inc(evLeaseWaitTimeout)
 			c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: waited too long for another process's load; loading without the lease, the value will not be cached",
 				slog.String("key", key), slog.Duration("wait", c.cfg.lockWait))
 			val, _, err := c.timedLoad(ctx, key, load)
 			return val, err
 		}
 		d := waitDelay(att.heldFor, w.confirmed.Load(), deadline.Sub(now))
-		if timer == nil {
-			timer = time.NewTimer(d)
-		} else {
-			timer.Reset(d)
-		}
+		timer, stop := c.cfg.clock.NewTimer(d)
 		select {
 		case <-w.wake:
-		case <-timer.C:
+		case <-timer:
 		case <-ctx.Done():
+			stop()
 			return zero, ErrClosed
 		}
+		stop()
 	}
 }
 
@@ -175,7 +168,7 @@ func waitDelay(heldFor time.Duration, confirmed bool, left time.Duration) time.D
 // what load returned, whether or not it could be cached. stale, if not nil,
 // is set when a write in this process overtook the load.
 func (c *Cache[T]) loadUnderLease(ctx context.Context, key, token string, ttl time.Duration, load func(context.Context) (T, error), stale *atomic.Bool) (T, error) {
-	c.stats.leasesAcquired.Add(1)
+	c.rec.inc(evLeaseAcquired)
 	filled := false
 	defer func() {
 		// Runs on every path the fill did not take, panics included, so
@@ -194,40 +187,28 @@ func (c *Cache[T]) loadUnderLease(ctx context.Context, key, token string, ttl ti
 	}
 	if stale != nil && stale.Load() {
 		// A Set or Delete here overtook the load (and broke the lease).
-		c.stats.skippedWrite.Add(1)
+		c.rec.inc(evSkippedWrite)
 		return val, err
 	}
 	negative := err != nil
-	env, physTTL, encErr := c.encode(key, val, took, negative)
-	if encErr != nil {
-		if !errors.Is(encErr, ErrValueTooLarge) {
-			c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
-				slog.String("key", key), slog.Any("err", encErr))
-		}
-		return val, err
-	}
-	ok, fillErr := c.store.fillLeased(ctx, key, token, env, physTTL)
-	switch {
-	case fillErr != nil:
-		if ctx.Err() == nil {
-			c.stats.redisErrors.Add(1)
-			c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
-				slog.String("key", key), slog.Any("err", fillErr))
-		}
-	case ok:
-		filled = true
-		c.countWrite(negative)
-	default:
+	switch werr := c.write(ctx, key, val, took, negative, writeOpts{lease: token}); {
+	case werr == nil:
+		filled = true // the script released the lease
+	case errors.Is(werr, errLeaseLost):
 		// The fill script found another token, or none: the value may
 		// predate a write that broke the lease. The script released
 		// nothing of ours and woke waiters if the lease is free.
 		filled = true
-		c.stats.leasesLost.Add(1)
-		c.stats.skippedWrite.Add(1)
+		c.rec.inc(evLeaseLost)
+		c.rec.inc(evSkippedWrite)
 		if !lost { // keepLease has not logged it yet
 			c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: lease lost before the fill; the loaded value is returned but not cached",
 				slog.String("key", key))
 		}
+	case errors.Is(werr, ErrValueTooLarge), ctx.Err() != nil:
+	default:
+		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
+			slog.String("key", key), slog.Any("err", werr))
 	}
 	return val, err
 }
@@ -238,7 +219,7 @@ func (c *Cache[T]) releaseLease(ctx context.Context, key, token string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), leaseOpTimeout)
 	defer cancel()
 	if err := c.store.releaseLease(ctx, key, token); err != nil {
-		c.stats.redisErrors.Add(1)
+		c.rec.inc(evRedisError)
 		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: releasing a lease failed; it expires by itself",
 			slog.String("key", key), slog.Any("err", err))
 	}
@@ -258,22 +239,22 @@ func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Du
 	k := &leaseKeeper{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(k.done)
-		tick := time.NewTicker(max(ttl/3, time.Millisecond))
-		defer tick.Stop()
+		tick, stop := c.cfg.clock.NewTicker(max(ttl/3, time.Millisecond))
+		defer stop()
 		for {
 			select {
 			case <-k.stop:
 				return
 			case <-ctx.Done():
 				return
-			case <-tick.C:
+			case <-tick:
 			}
 			ok, err := c.store.renewLease(ctx, key, token, ttl)
 			if err != nil {
 				// Keep trying: the lease outlives a short Redis hiccup, and
 				// if it does not, the fill's token check stops the write.
 				if ctx.Err() == nil {
-					c.stats.redisErrors.Add(1)
+					c.rec.inc(evRedisError)
 				}
 				continue
 			}
@@ -293,20 +274,4 @@ func (k *leaseKeeper) end() bool {
 	close(k.stop)
 	<-k.done
 	return k.lost.Load()
-}
-
-// setBreakingLease is Set when leases are in use: the value is written and
-// the key's lease dropped in one script, so that a fill that started before
-// this write, in any process, cannot land after it.
-func (c *Cache[T]) setBreakingLease(ctx context.Context, key string, value T) error {
-	env, ttl, err := c.encode(key, value, 0, false)
-	if err != nil {
-		return err
-	}
-	if err := c.store.setBreakingLease(ctx, key, env, ttl); err != nil {
-		c.stats.redisErrors.Add(1)
-		return fmt.Errorf("layercache: write %q: %w", key, err)
-	}
-	c.countWrite(false)
-	return nil
 }

@@ -77,7 +77,7 @@ type localTier[T any] struct {
 	entries *otter.Cache[string, *localEntry[T]]
 	coarse  *coarseClock // the hit path's clock; nil when cfg.clock is not the system clock
 	clock   Clock        // used when coarse is nil (tests' ManualClock)
-	stats   *counters
+	stats   *recorder
 
 	ttlMs int64
 	// slackMs shortens every deadline by the coarse clock's resolution, by
@@ -108,7 +108,7 @@ type fillToken struct {
 	startMs int64
 }
 
-func newLocalTier[T any](cfg *config, stats *counters, shared *coarseClock) (*localTier[T], error) {
+func newLocalTier[T any](cfg *config, stats *recorder, shared *coarseClock) (*localTier[T], error) {
 	maint := startMaintenance()
 	entries, err := otter.New(&otter.Options[string, *localEntry[T]]{
 		MaximumSize:     cfg.localMax,
@@ -152,16 +152,16 @@ func (l *localTier[T]) now() int64 {
 // entry is shared and immutable.
 func (l *localTier[T]) get(key string) *localEntry[T] {
 	if !l.up.Load() {
-		l.stats.localBypasses.Add(1)
+		l.stats.inc(evLocalBypass)
 		return nil
 	}
 	le, ok := l.entries.GetIfPresent(key)
 	if !ok || l.now() >= le.deadline {
 		return nil
 	}
-	l.stats.localHits.Add(1)
+	l.stats.inc(evLocalHit)
 	if le.state == stateNegative {
-		l.stats.negativeHits.Add(1)
+		l.stats.inc(evNegativeHit)
 	}
 	return le
 }
@@ -224,14 +224,14 @@ func (l *localTier[T]) flush() {
 	l.epoch.Add(1)
 	l.entries.InvalidateAll()
 	l.flushMu.Unlock()
-	l.stats.localFlushes.Add(1)
+	l.stats.inc(evLocalFlush)
 }
 
 // The methods below make localTier a busTier: the bus calls them for
 // messages from other nodes and for its connection state.
 
 func (l *localTier[T]) remoteInvalidate(keys []string) {
-	l.stats.invalidationsReceived.Add(uint64(len(keys)))
+	l.stats.add(evInvalidationReceived, uint64(len(keys)))
 	l.invalidate(keys)
 }
 
@@ -302,7 +302,7 @@ func (c *Cache[T]) initTiers() error {
 		if c.bus != nil {
 			shared = c.bus.clock
 		}
-		l, err := newLocalTier[T](&c.cfg, &c.stats, shared)
+		l, err := newLocalTier[T](&c.cfg, &c.rec, shared)
 		if err != nil {
 			return fmt.Errorf("%w: WithLocal: %v", ErrInvalidOption, err)
 		}
@@ -335,7 +335,7 @@ func (c *Cache[T]) invalidate(keys ...string) {
 		c.local.invalidate(keys)
 	}
 	if c.bus != nil {
-		c.stats.invalidationsSent.Add(uint64(len(keys)))
+		c.rec.add(evInvalidationSent, uint64(len(keys)))
 		c.bus.publish(c.route, keys, c.busTier())
 	}
 }

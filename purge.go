@@ -8,7 +8,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// PurgeOptions tune [Cache.PurgeVersion]. The zero value is valid.
+// PurgeOptions tune [Purge] and [Cache.PurgeVersion]. The zero value is
+// valid.
 type PurgeOptions struct {
 	// BatchSize is the SCAN COUNT hint and the size of each delete
 	// pipeline; 0 means 500.
@@ -22,7 +23,7 @@ type PurgeOptions struct {
 	Progress func(PurgeReport)
 }
 
-// PurgeReport is what [Cache.PurgeVersion] did.
+// PurgeReport is what [Purge] did.
 type PurgeReport struct {
 	// Version is the version purged.
 	Version string
@@ -38,23 +39,40 @@ type PurgeReport struct {
 }
 
 // PurgeVersion deletes every key of this cache's namespace at another
-// schema version: once no instance reads or upgrades from that version any
-// more, its keys only take memory until they expire. It SCANs (never KEYS)
-// every master of a Cluster (every shard of a Ring), matching
-// namespace:version:*, and UNLINKs what it finds in pipelined batches,
-// rate-limited by opts.RateLimit. It refuses the cache's own version. A
-// cancelled ctx stops it between batches; the report says how far it got,
-// and running it again continues the work (what is deleted stays deleted).
+// schema version, as [Purge] does; it refuses the cache's own version.
 // [Raw] keys have no version and are never purged.
-func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeOptions) (rep PurgeReport, err error) {
+func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeOptions) (PurgeReport, error) {
+	if version == c.keys.version {
+		return PurgeReport{Version: version}, fmt.Errorf("%w: PurgeVersion(%q) is the cache's own version", ErrInvalidOption, version)
+	}
+	return purge(ctx, c.client, c.keys.namespace, version, c.cfg.clock, opts)
+}
+
+// Purge deletes every key of namespace at schema version: once no
+// instance reads or upgrades from that version any more, its keys only
+// take memory until they expire. It needs no cache, so an operator's tool
+// can run it. It SCANs (never KEYS) every master of a Cluster (every shard
+// of a Ring), matching namespace:version:*, and UNLINKs what it finds in
+// pipelined batches, rate-limited by opts.RateLimit. A cancelled ctx stops
+// it between batches; the report says how far it got, and running it again
+// continues the work (what is deleted stays deleted). Purging a version
+// that running caches still use empties their cache: check first.
+func Purge(ctx context.Context, client redis.UniversalClient, namespace, version string, opts PurgeOptions) (PurgeReport, error) {
+	if nilClient(client) {
+		return PurgeReport{Version: version}, fmt.Errorf("%w: Purge needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	if err := checkName("Purge namespace", namespace); err != nil {
+		return PurgeReport{Version: version}, err
+	}
+	return purge(ctx, client, namespace, version, systemClock{}, opts)
+}
+
+func purge(ctx context.Context, client redis.UniversalClient, namespace, version string, clock Clock, opts PurgeOptions) (rep PurgeReport, err error) {
 	rep.Version = version
-	start := time.Now()
-	defer func() { rep.Duration = time.Since(start) }()
+	start := clock.Now()
+	defer func() { rep.Duration = clock.Now().Sub(start) }()
 	if err := checkName("PurgeVersion", version); err != nil {
 		return rep, err
-	}
-	if version == c.keys.version {
-		return rep, fmt.Errorf("%w: PurgeVersion(%q) is the cache's own version", ErrInvalidOption, version)
 	}
 	if opts.BatchSize < 0 || opts.RateLimit < 0 {
 		return rep, fmt.Errorf("%w: PurgeOptions: BatchSize and RateLimit must not be negative", ErrInvalidOption)
@@ -63,13 +81,13 @@ func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeO
 	if batch == 0 {
 		batch = 500
 	}
-	nodes, err := masterNodes(ctx, c.client)
+	nodes, err := masterNodes(ctx, client)
 	if err != nil {
 		return rep, err
 	}
 	rep.Nodes = len(nodes)
-	match := globEscape(c.keys.namespace+":"+version+":") + "*"
-	pace := newPacer(opts.RateLimit)
+	match := globEscape(namespace+":"+version+":") + "*"
+	pace := newPacer(opts.RateLimit, clock)
 	for _, node := range nodes {
 		var cursor uint64
 		for {
@@ -119,11 +137,14 @@ func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeO
 // pacer spaces work out to at most rate units a second.
 type pacer struct {
 	rate  int
+	clock Clock
 	start time.Time
 	done  int64
 }
 
-func newPacer(rate int) *pacer { return &pacer{rate: rate, start: time.Now()} }
+func newPacer(rate int, clock Clock) *pacer {
+	return &pacer{rate: rate, clock: clock, start: clock.Now()}
+}
 
 // wait accounts for n more units and sleeps until they are due.
 func (p *pacer) wait(ctx context.Context, n int) error {
@@ -132,16 +153,12 @@ func (p *pacer) wait(ctx context.Context, n int) error {
 	}
 	due := p.start.Add(time.Duration(float64(p.done) / float64(p.rate) * float64(time.Second)))
 	p.done += int64(n)
-	d := time.Until(due)
+	d := due.Sub(p.clock.Now())
 	if d <= 0 {
 		return ctx.Err()
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
+	if !sleep(ctx, p.clock, d) {
 		return ctx.Err()
 	}
+	return nil
 }

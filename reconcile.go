@@ -66,6 +66,81 @@ type ReconcileReport struct {
 	Duration time.Duration
 }
 
+// MigrationSpec names a migration and the keyspace it moves, without the
+// cache's value type: what an operator's tool needs to reconcile it (see
+// [Reconcile]) while the services that use the cache keep running.
+type MigrationSpec struct {
+	// Name is the migration's name, as given to [WithMigration].
+	Name string
+	// Namespace and Version are the cache's ([WithNamespace],
+	// [WithVersion]); empty means [DefaultNamespace] and [DefaultVersion].
+	Namespace, Version string
+	// From and To are the migration's layouts, as given to WithMigration.
+	From, To Layout
+	// TTL is how long a Raw key without a TTL counts as fresh, as
+	// [WithTTL] says for the cache; 0 means [DefaultTTL].
+	TTL time.Duration
+	// Codec decodes payloads to compare them: two payloads match when
+	// they decode (into an interface value) to the same value, encoded
+	// again, so that two encodings of one JSON document match; a payload
+	// that does not decode counts as absent. nil means [JSON];
+	// [PassThrough] compares bytes.
+	Codec Codec
+}
+
+// Reconcile compares, and with opts.Repair repairs, the two sides of a
+// migration as [Cache.Reconcile] does, without the cache's value type: it
+// compares payloads decoded by spec.Codec into an interface value. Use it
+// from operator tools; a service that has the cache calls
+// [Cache.Reconcile], which compares values decoded as T.
+func Reconcile(ctx context.Context, client redis.UniversalClient, spec MigrationSpec, opts ReconcileOptions) (ReconcileReport, error) {
+	if nilClient(client) {
+		return ReconcileReport{}, fmt.Errorf("%w: Reconcile needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	}
+	if spec.Namespace == "" {
+		spec.Namespace = DefaultNamespace
+	}
+	if spec.Version == "" {
+		spec.Version = DefaultVersion
+	}
+	if spec.TTL == 0 {
+		spec.TTL = DefaultTTL
+	}
+	if spec.Codec == nil {
+		spec.Codec = JSON
+	}
+	for _, err := range []error{checkName("MigrationSpec.Name", spec.Name), checkName("MigrationSpec.Namespace", spec.Namespace),
+		checkName("MigrationSpec.Version", spec.Version), spec.From.err, spec.To.err} {
+		if err != nil {
+			return ReconcileReport{}, err
+		}
+	}
+	if spec.TTL < 0 {
+		return ReconcileReport{}, fmt.Errorf("%w: MigrationSpec.TTL %v is negative", ErrInvalidOption, spec.TTL)
+	}
+	phase := func(ctx context.Context) (Phase, error) { return GetPhase(ctx, client, spec.Name) }
+	codec := spec.Codec
+	canon := func(payload []byte) ([]byte, bool) {
+		if codec == PassThrough {
+			return payload, true
+		}
+		var v any
+		if codec.Unmarshal(payload, &v) != nil {
+			return nil, false
+		}
+		b, err := codec.Marshal(v)
+		return b, err == nil
+	}
+	sys := systemClock{}
+	now := func() int64 { return sys.Now().UnixMilli() }
+	keys := newKeyspace(spec.Namespace, spec.Version)
+	sides := [2]layoutStore{
+		newLayoutStore(client, keys, spec.From, now, spec.TTL),
+		newLayoutStore(client, keys, spec.To, now, spec.TTL),
+	}
+	return reconcile(ctx, sides, phase, canon, sys, opts)
+}
+
 // Reconcile compares the two sides of the cache's migration: it SCANs the
 // old side, then the new one (SCAN on every master, or HSCAN of every
 // hash for a [Hash] layout; never KEYS), in batches, reads each key on both
@@ -80,13 +155,33 @@ type ReconcileReport struct {
 // reconcile after entering DualWrite (to fill the new side before it is
 // read) and before any rollback that moves reads back to a side that was
 // not written meanwhile.
-func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (rep ReconcileReport, err error) {
-	start := time.Now()
-	defer func() { rep.Duration = time.Since(start) }()
-	d := c.dual()
-	if d == nil {
-		return rep, fmt.Errorf("%w: Reconcile needs WithMigration", ErrNoMigration)
+func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (ReconcileReport, error) {
+	m := c.cfg.migration
+	if m == nil {
+		return ReconcileReport{}, fmt.Errorf("%w: Reconcile needs WithMigration", ErrNoMigration)
 	}
+	codec := c.cfg.codec
+	canon := func(payload []byte) ([]byte, bool) {
+		var v T
+		if codec.Unmarshal(payload, &v) != nil {
+			return nil, false
+		}
+		b, err := codec.Marshal(v)
+		return b, err == nil
+	}
+	sides := [2]layoutStore{
+		newLayoutStore(c.client, c.keys, m.from, c.nowMillis, c.cfg.ttl),
+		newLayoutStore(c.client, c.keys, m.to, c.nowMillis, c.cfg.ttl),
+	}
+	return reconcile(ctx, sides, c.mig.refresh, canon, c.cfg.clock, opts)
+}
+
+// reconcile is the T-free core of both Reconciles. phase reads the
+// migration's phase.
+func reconcile(ctx context.Context, sides [2]layoutStore, phase func(context.Context) (Phase, error),
+	canon func([]byte) ([]byte, bool), clock Clock, opts ReconcileOptions) (rep ReconcileReport, err error) {
+	start := clock.Now()
+	defer func() { rep.Duration = clock.Now().Sub(start) }()
 	if opts.BatchSize < 0 || opts.RateLimit < 0 {
 		return rep, fmt.Errorf("%w: ReconcileOptions: BatchSize and RateLimit must not be negative", ErrInvalidOption)
 	}
@@ -98,25 +193,26 @@ func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (rep Re
 	if err != nil {
 		return rep, err
 	}
-	// Read the control key now rather than trust the follower's copy,
-	// which may be up to a poll interval old: right after a SetPhase the
-	// cached phase could name the wrong authoritative side, and a repair
-	// would then spread the side that is no longer written first.
-	phase, err := d.mig.refresh(ctx)
+	// Read the control key now rather than trust a follower's copy, which
+	// may be up to a poll interval old: right after a SetPhase the cached
+	// phase could name the wrong authoritative side, and a repair would
+	// then spread the side that is no longer written first.
+	p, err := phase(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("layercache: reconcile: read phase: %w", err)
 	}
-	rep.Phase = phase
-	r := reconciler[T]{c: c, d: d, opts: opts, batch: batch, auth: authority(phase), pace: newPacer(opts.RateLimit), rep: &rep}
+	rep.Phase = p
+	r := reconciler{sides: sides, canon: canon, opts: opts, batch: batch, auth: authority(p),
+		pace: newPacer(opts.RateLimit, clock), now: func() int64 { return clock.Now().UnixMilli() }, rep: &rep}
 	for side := pos.side; side < 2; side++ {
-		sc, err := newSideScanner(ctx, c.client, d.sides[side])
+		kl, err := sides[side].lister(ctx)
 		if err != nil {
 			return rep, err
 		}
 		if side != pos.side {
 			pos = scanPos{side: side}
 		}
-		if err := r.scanSide(ctx, sc, pos); err != nil {
+		if err := r.scanSide(ctx, kl, pos); err != nil {
 			return rep, err
 		}
 	}
@@ -124,31 +220,23 @@ func (c *Cache[T]) Reconcile(ctx context.Context, opts ReconcileOptions) (rep Re
 	return rep, nil
 }
 
-// dual returns the migration's dual store, under any upgrade wrapper.
-func (c *Cache[T]) dual() *dualStore {
-	switch s := c.store.(type) {
-	case *dualStore:
-		return s
-	case *upgradingStore:
-		d, _ := s.store.(*dualStore)
-		return d
-	}
-	return nil
-}
-
-type reconciler[T any] struct {
-	c     *Cache[T]
-	d     *dualStore
+type reconciler struct {
+	sides [2]layoutStore
+	// canon returns a payload decoded and encoded again, so that two
+	// encodings of one value compare equal; false when it does not
+	// decode.
+	canon func([]byte) ([]byte, bool)
 	opts  ReconcileOptions
 	batch int
 	auth  int
 	pace  *pacer
+	now   func() int64
 	rep   *ReconcileReport
 }
 
 // scanSide goes through one side from pos, a page at a time, and a page
 // BatchSize keys at a time.
-func (r *reconciler[T]) scanSide(ctx context.Context, sc *sideScanner, pos scanPos) error {
+func (r *reconciler) scanSide(ctx context.Context, sc *keyLister, pos scanPos) error {
 	if err := sc.check(pos); err != nil {
 		return err
 	}
@@ -190,9 +278,9 @@ func (r *reconciler[T]) scanSide(ctx context.Context, sc *sideScanner, pos scanP
 // on the new side only if the old side has nothing at all for them (the
 // others were compared while scanning the old side), which an existence
 // check tells without reading values.
-func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) error {
+func (r *reconciler) compare(ctx context.Context, side int, keys []string) error {
 	if side == sideNew {
-		found, err := r.d.sides[sideOld].exists(ctx, keys)
+		found, err := r.sides[sideOld].exists(ctx, keys)
 		if err != nil {
 			return fmt.Errorf("layercache: reconcile: read old side: %w", err)
 		}
@@ -208,23 +296,23 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 	}
 	var recs [2][]record
 	var err error
-	if recs[sideOld], err = r.d.sides[sideOld].readMany(ctx, keys); err != nil {
+	if recs[sideOld], err = r.sides[sideOld].readMany(ctx, keys); err != nil {
 		return fmt.Errorf("layercache: reconcile: read old side: %w", err)
 	}
-	if recs[sideNew], err = r.d.sides[sideNew].readMany(ctx, keys); err != nil {
+	if recs[sideNew], err = r.sides[sideNew].readMany(ctx, keys); err != nil {
 		return fmt.Errorf("layercache: reconcile: read new side: %w", err)
 	}
-	now := r.c.nowMillis()
+	now := r.now()
 	var fixes [2][]casOp
 	for i, k := range keys {
 		if side == sideNew && recs[sideOld][i].found {
 			continue // written since the existence check: compared by now or next time
 		}
-		o, n := r.c.entryOf(recs[sideOld][i], now), r.c.entryOf(recs[sideNew][i], now)
+		o, n := entryOf(recs[sideOld][i], now), entryOf(recs[sideNew][i], now)
 		r.rep.Scanned++
 		src := -1 // the side to copy from, or the side to delete on
 		del := false
-		switch r.c.sameEntry(&o, &n) {
+		switch r.sameEntry(&o, &n) {
 		case neither:
 			r.rep.Scanned-- // gone from both since the scan listed it
 			continue
@@ -271,7 +359,7 @@ func (r *reconciler[T]) compare(ctx context.Context, side int, keys []string) er
 		if len(ops) == 0 {
 			continue
 		}
-		done, err := r.d.sides[side].casMany(ctx, ops)
+		done, err := r.sides[side].casMany(ctx, ops)
 		for _, ok := range done {
 			if ok {
 				r.rep.Repaired++
@@ -300,7 +388,7 @@ type sideEntry struct {
 	canonical []byte
 }
 
-func (c *Cache[T]) entryOf(r record, now int64) sideEntry {
+func entryOf(r record, now int64) sideEntry {
 	if r.env == nil {
 		return sideEntry{}
 	}
@@ -311,10 +399,10 @@ func (c *Cache[T]) entryOf(r record, now int64) sideEntry {
 	return sideEntry{ok: true, negative: h.Negative(), payload: payload, version: h.WriteVersion, expiresAt: h.ExpiresAt}
 }
 
-// usableAsT reports whether e would be served: a negative entry, or a
-// payload that decodes as T; it computes e's canonical encoding (decoded
-// as T and encoded again).
-func (c *Cache[T]) usableAsT(e *sideEntry) bool {
+// usable reports whether e would be served: a negative entry, or a
+// payload that decodes; it computes e's canonical encoding (decoded and
+// encoded again).
+func (r *reconciler) usable(e *sideEntry) bool {
 	if !e.ok {
 		return false
 	}
@@ -323,12 +411,7 @@ func (c *Cache[T]) usableAsT(e *sideEntry) bool {
 	}
 	if !e.decodedT {
 		e.decodedT = true
-		var v T
-		if c.cfg.codec.Unmarshal(e.payload, &v) == nil {
-			if b, err := c.cfg.codec.Marshal(v); err == nil {
-				e.valid, e.canonical = true, b
-			}
-		}
+		e.canonical, e.valid = r.canon(e.payload)
 	}
 	return e.valid
 }
@@ -348,11 +431,11 @@ const (
 // that two encodings of one value (legacy JSON with other spacing or field
 // order) match. An entry that does not decode as T counts as absent, as it
 // does for reads.
-func (c *Cache[T]) sameEntry(o, n *sideEntry) comparison {
+func (r *reconciler) sameEntry(o, n *sideEntry) comparison {
 	if o.ok && n.ok && o.negative == n.negative && bytes.Equal(o.payload, n.payload) {
 		return matched
 	}
-	ou, nu := c.usableAsT(o), c.usableAsT(n)
+	ou, nu := r.usable(o), r.usable(n)
 	switch {
 	case !ou && !nu:
 		return neither
@@ -419,48 +502,39 @@ func parseReconcileCursor(s string) (scanPos, error) {
 	return p, nil
 }
 
-// sideScanner lists the user keys of one layout store.
-type sideScanner struct {
-	st     layoutStore
-	nodes  []*redis.Client // key-per-entry and raw: the masters
-	shards []string        // hash: the hash keys
+// keyLister lists the user keys of one layout store: SCAN of every master
+// with a pattern and a parser (key per entry, Raw), or HSCAN of every hash
+// (Hash). A store makes its own (layoutStore.lister).
+type keyLister struct {
+	client redis.UniversalClient
+	nodes  []*redis.Client // SCAN: the masters
+	hashes []string        // HSCAN: the hash keys
 	match  string
 	parse  func(redisKey string) (string, bool)
 }
 
-func newSideScanner(ctx context.Context, client redis.UniversalClient, st layoutStore) (*sideScanner, error) {
-	sc := &sideScanner{st: st}
-	switch s := st.(type) {
-	case *hashStore:
-		sc.shards = s.shards
-		return sc, nil
-	case *keyPerEntryStore:
-		sc.match, sc.parse = s.keys.pattern(), s.keys.userKey
-	case *rawStore:
-		sc.match, sc.parse = globEscape(s.l.prefix)+"*"+globEscape(s.l.suffix), s.userKey
-	default:
-		return nil, fmt.Errorf("layercache: reconcile: cannot scan a %T", st)
-	}
+// scanLister lists the keys matching match on every master, parsed back
+// into user keys.
+func scanLister(ctx context.Context, client redis.UniversalClient, match string, parse func(string) (string, bool)) (*keyLister, error) {
 	nodes, err := masterNodes(ctx, client)
 	if err != nil {
 		return nil, err
 	}
-	sc.nodes = nodes
-	return sc, nil
+	return &keyLister{client: client, nodes: nodes, match: match, parse: parse}, nil
 }
 
-func (sc *sideScanner) size() int {
-	if sc.shards != nil {
-		return len(sc.shards)
+func (sc *keyLister) size() int {
+	if sc.hashes != nil {
+		return len(sc.hashes)
 	}
 	return len(sc.nodes)
 }
 
-func (sc *sideScanner) done(p scanPos) bool { return p.node >= sc.size() }
+func (sc *keyLister) done(p scanPos) bool { return p.node >= sc.size() }
 
 // check refuses a resume cursor whose node list no longer matches.
-func (sc *sideScanner) check(p scanPos) error {
-	if p.node > sc.size() || sc.shards == nil && p.node < len(sc.nodes) && p.addr != "" && p.addr != sc.nodes[p.node].Options().Addr {
+func (sc *keyLister) check(p scanPos) error {
+	if p.node > sc.size() || sc.hashes == nil && p.node < len(sc.nodes) && p.addr != "" && p.addr != sc.nodes[p.node].Options().Addr {
 		return fmt.Errorf("%w: the reconcile cursor refers to a node that is no longer a master at that position (the topology changed); start again with an empty cursor", ErrInvalidOption)
 	}
 	return nil
@@ -468,13 +542,13 @@ func (sc *sideScanner) check(p scanPos) error {
 
 // page returns the user keys of one SCAN/HSCAN step at p, and the position
 // after it.
-func (sc *sideScanner) page(ctx context.Context, p scanPos, count int) ([]string, scanPos, error) {
+func (sc *keyLister) page(ctx context.Context, p scanPos, count int) ([]string, scanPos, error) {
 	next := scanPos{side: p.side, node: p.node}
 	var keys []string
-	if sc.shards != nil {
-		kv, cur, err := sc.st.(*hashStore).client.HScan(ctx, sc.shards[p.node], p.cursor, "", int64(count)).Result()
+	if sc.hashes != nil {
+		kv, cur, err := sc.client.HScan(ctx, sc.hashes[p.node], p.cursor, "", int64(count)).Result()
 		if err != nil {
-			return nil, p, fmt.Errorf("layercache: reconcile: hscan %s: %w", sc.shards[p.node], err)
+			return nil, p, fmt.Errorf("layercache: reconcile: hscan %s: %w", sc.hashes[p.node], err)
 		}
 		for i := 0; i < len(kv); i += 2 {
 			keys = append(keys, kv[i])
@@ -502,8 +576,8 @@ func (sc *sideScanner) page(ctx context.Context, p scanPos, count int) ([]string
 
 // addr is the address of master i, recorded in cursors; "" for hash
 // shards and past the end.
-func (sc *sideScanner) addr(i int) string {
-	if sc.shards == nil && i < len(sc.nodes) {
+func (sc *keyLister) addr(i int) string {
+	if sc.hashes == nil && i < len(sc.nodes) {
 		return sc.nodes[i].Options().Addr
 	}
 	return ""

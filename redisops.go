@@ -5,62 +5,35 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/layercache/layercache/internal/envelope"
-	"github.com/layercache/layercache/internal/scripts"
 	"github.com/redis/go-redis/v9"
 )
 
-// headerVersion returns the write version of an envelope header (at
-// least its first 40 bytes), or 0 for anything else.
-func headerVersion(b []byte) uint64 {
-	if len(b) < envelope.HeaderSize || b[0] != envelope.Magic || b[1] != envelope.Version {
-		return 0
-	}
-	return binary.BigEndian.Uint64(b[32:40])
+// Script plumbing, slot grouping and node listing: how the stores talk to
+// Redis, whatever the client (a *redis.Client, *redis.ClusterClient,
+// *redis.Ring or failover client).
+
+// scriptCall is one call of a script: its KEYS and ARGV.
+type scriptCall struct {
+	keys []string
+	args []any
 }
 
-// versionReply reads a script or command reply holding a header (or a
-// Raw stamp, whose first 8 bytes are the version).
-func versionReply(b []byte, err error, stamp bool) (uint64, error) {
-	if errors.Is(err, redis.Nil) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	if stamp {
-		if len(b) < 9 {
-			return 0, nil
-		}
-		return binary.BigEndian.Uint64(b[:8]), nil
-	}
-	return headerVersion(b), nil
-}
-
-// scriptResult turns a write script's reply into (version, written).
-func scriptResult(cmd *redis.Cmd) (uint64, bool, error) {
-	s, err := cmd.Text()
-	if errors.Is(err, redis.Nil) {
-		return 0, false, nil
-	}
-	if err != nil {
-		return 0, false, err
-	}
-	if len(s) != 8 {
-		return 0, false, fmt.Errorf("layercache: write script returned %d bytes, want an 8-byte version", len(s))
-	}
-	return binary.BigEndian.Uint64([]byte(s)), true, nil
-}
-
-// evalMany runs script once per call in one pipeline. EVALSHA is tried
-// first; calls that fail with NOSCRIPT (a server restarted or flushed its
-// script cache) are retried one by one with EVALSHA-then-EVAL.
+// evalMany runs script once per call in one pipeline (go-redis's
+// ClusterClient splits it by node: one round trip per node). EVALSHA is
+// tried first; calls that fail with NOSCRIPT (a server restarted, failed
+// over or flushed its script cache) are sent again, together, with EVAL,
+// which also loads the script. Every script is one atomic step, so a call
+// that failed with NOSCRIPT did nothing and may be run again.
 func evalMany(ctx context.Context, client redis.UniversalClient, script *redis.Script, calls []scriptCall) ([]*redis.Cmd, error) {
+	if len(calls) == 0 {
+		return nil, nil
+	}
 	cmds := make([]*redis.Cmd, len(calls))
 	_, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, c := range calls {
@@ -71,36 +44,140 @@ func evalMany(ctx context.Context, client redis.UniversalClient, script *redis.S
 	if err == nil {
 		return cmds, nil
 	}
-	var firstErr error
-	for i, c := range calls {
-		e := cmds[i].Err()
-		if e == nil || errors.Is(e, redis.Nil) {
-			continue
-		}
-		if redis.HasErrorPrefix(e, "NOSCRIPT") {
-			cmds[i] = script.Run(ctx, client, c.keys, c.args...)
-			e = cmds[i].Err()
-			if e == nil || errors.Is(e, redis.Nil) {
-				continue
-			}
-		}
-		if firstErr == nil {
-			firstErr = e
+	var retry []int
+	for i := range calls {
+		if redis.HasErrorPrefix(cmds[i].Err(), "NOSCRIPT") {
+			retry = append(retry, i)
 		}
 	}
-	return cmds, firstErr
+	if len(retry) > 0 {
+		_, _ = client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, i := range retry {
+				cmds[i] = script.Eval(ctx, p, calls[i].keys, calls[i].args...)
+			}
+			return nil
+		})
+	}
+	return cmds, firstErr(cmds)
 }
 
-type scriptCall struct {
-	keys []string
-	args []any
+// firstErr returns the first error of cmds other than redis.Nil.
+func firstErr[C redis.Cmder](cmds []C) error {
+	for _, c := range cmds {
+		if e := c.Err(); e != nil && !errors.Is(e, redis.Nil) {
+			return e
+		}
+	}
+	return nil
 }
 
+// versionResult reads a Write reply: the stored version (8 bytes), or nil
+// when nothing was written.
+func versionResult(cmd *redis.Cmd) (writeResult, error) {
+	s, err := cmd.Text()
+	if errors.Is(err, redis.Nil) {
+		return writeResult{}, nil
+	}
+	if err != nil {
+		return writeResult{}, err
+	}
+	if len(s) != 8 {
+		return writeResult{}, fmt.Errorf("layercache: write script returned %d bytes, want an 8-byte version", len(s))
+	}
+	return writeResult{version: binary.BigEndian.Uint64([]byte(s)), written: true}, nil
+}
+
+// versionReply reads a Version, Take or Arm reply: a version, or 0 for
+// nil.
+func versionReply(cmd *redis.Cmd) (uint64, error) {
+	r, err := versionResult(cmd)
+	return r.version, err
+}
+
+// ttlMillis is a TTL as the scripts take it.
 func ttlMillis(ttl time.Duration) int64 { return physicalTTL(ttl).Milliseconds() }
 
+// physicalTTL rounds a lifetime to what Redis accepts: at least 1ms, since
+// PX 0 is an error and a zero TTL would make the key live forever.
+func physicalTTL(ttl time.Duration) time.Duration {
+	if ttl < time.Millisecond {
+		return time.Millisecond
+	}
+	return ttl
+}
+
+func boolArg(b bool) string {
+	if b {
+		return "1"
+	}
+	return "0"
+}
+
+// fenceTTL bounds how long a copy may take from the arming of its fence
+// to its write; a later copy is dropped, which costs at most a miss.
+const fenceTTL = 10 * time.Second
+
+// publishCommand is how scripts announce notices: sharded pub/sub on a
+// cluster, so a notice travels only to the key's shard, not over the whole
+// cluster bus.
+func publishCommand(client redis.UniversalClient) string {
+	if isCluster(client) {
+		return "SPUBLISH"
+	}
+	return "PUBLISH"
+}
+
+// isCluster reports whether client is a Redis Cluster client, whose
+// multi-key commands must stay in one slot.
+func isCluster(client redis.UniversalClient) bool {
+	_, ok := client.(*redis.ClusterClient)
+	return ok
+}
+
+// slotGroups groups the indexes of redisKeys by Cluster slot, in the order
+// the slots first appear; without a cluster, all keys are one group. A
+// multi-key command (MGET, HMGET) is sent per group.
+func slotGroups(cluster bool, redisKeys []string) [][]int {
+	if !cluster {
+		all := make([]int, len(redisKeys))
+		for i := range all {
+			all[i] = i
+		}
+		return [][]int{all}
+	}
+	var groups [][]int
+	bySlot := make(map[uint16]int, len(redisKeys))
+	for i, k := range redisKeys {
+		slot := keySlot(k)
+		g, ok := bySlot[slot]
+		if !ok {
+			g = len(groups)
+			bySlot[slot] = g
+			groups = append(groups, nil)
+		}
+		groups[g] = append(groups[g], i)
+	}
+	return groups
+}
+
+// keySlot is the Redis Cluster slot of a key: CRC16 of its hash tag (the
+// part between the first '{' and the next '}', if not empty) or of the
+// whole key, modulo 16384.
+func keySlot(key string) uint16 {
+	if i := strings.IndexByte(key, '{'); i >= 0 {
+		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
+			key = key[i+1 : i+1+j]
+		}
+	}
+	return crc16(key) % 16384
+}
+
 // existsMany runs one existence command per key in a pipeline.
-func existsMany(ctx context.Context, client redis.UniversalClient, keys []string, cmd func(redis.Pipeliner, string) *redis.IntCmd) ([]bool, error) {
-	cmds := make([]*redis.IntCmd, len(keys))
+func existsMany[C interface {
+	redis.Cmder
+	Val() V
+}, V any](ctx context.Context, client redis.UniversalClient, keys []string, cmd func(redis.Pipeliner, string) C, found func(V) bool) ([]bool, error) {
+	cmds := make([]C, len(keys))
 	_, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, k := range keys {
 			cmds[i] = cmd(p, k)
@@ -112,32 +189,9 @@ func existsMany(ctx context.Context, client redis.UniversalClient, keys []string
 	}
 	out := make([]bool, len(keys))
 	for i, c := range cmds {
-		out[i] = c.Val() == 1
+		out[i] = found(c.Val())
 	}
 	return out, nil
-}
-
-func casResults(cmds []*redis.Cmd, err error) ([]bool, error) {
-	out := make([]bool, len(cmds))
-	for i, c := range cmds {
-		n, e := c.Int()
-		out[i] = e == nil && n == 1
-	}
-	return out, err
-}
-
-func modeArg(m writeMode) string {
-	if m == writeCopy {
-		return "c"
-	}
-	return "f"
-}
-
-func boolArg(b bool) string {
-	if b {
-		return "1"
-	}
-	return "0"
 }
 
 // masterNodes returns a client for every master (or the only server),
@@ -170,6 +224,7 @@ func masterNodes(ctx context.Context, client redis.UniversalClient) ([]*redis.Cl
 	return nodes, nil
 }
 
+// crc16Table is CRC16 (XMODEM), the Redis Cluster key hash.
 var crc16Table = func() (t [256]uint16) {
 	for i := range t {
 		c := uint16(i) << 8
@@ -193,122 +248,12 @@ func crc16(s string) uint16 {
 	return c
 }
 
-// leaseWriteResult reads a fill or overwrite script's reply: the stored
-// version (8 bytes) when it wrote, 0 when the lease was lost.
-func leaseWriteResult(cmd *redis.Cmd) (uint64, bool, error) {
-	v, err := cmd.Result()
-	if errors.Is(err, redis.Nil) {
-		return 0, false, nil
+// nilClient reports whether c is nil or a nil pointer of any client type
+// (a typed nil passes a plain nil check and panics at first use).
+func nilClient(c redis.UniversalClient) bool {
+	if c == nil {
+		return true
 	}
-	if err != nil {
-		return 0, false, err
-	}
-	switch v := v.(type) {
-	case string:
-		if len(v) == 8 {
-			return binary.BigEndian.Uint64([]byte(v)), true, nil
-		}
-	case int64:
-		if v == 0 {
-			return 0, false, nil
-		}
-	}
-	return 0, false, fmt.Errorf("layercache: lease write script returned %v (%T), want a version or 0", v, v)
-}
-
-// fenceTTL bounds how long a copy may take from the arming of its fence
-// to its write; a later copy is dropped, which costs at most a miss.
-const fenceTTL = 10 * time.Second
-
-// armFence adds token to a copy fence (see scripts.Arm).
-func armFence(ctx context.Context, client redis.UniversalClient, fence, token string) error {
-	return scripts.Arm.Run(ctx, client, []string{fence}, token, fenceTTL.Milliseconds()).Err()
-}
-
-// armThenRead arms a copy fence and then runs read, a version read in the
-// fence's slot, in one MULTI: one round trip, and the fence is in place
-// before the version is read, so a Delete after the read voids the copy.
-func armThenRead(ctx context.Context, client redis.UniversalClient, fence, token string, stamp bool, read func(redis.Pipeliner) *redis.StringCmd) (uint64, error) {
-	var cmd *redis.StringCmd
-	_, err := client.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		p.SAdd(ctx, fence, token)
-		p.PExpire(ctx, fence, fenceTTL)
-		cmd = read(p)
-		return nil
-	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return 0, err
-	}
-	b, err := cmd.Bytes()
-	return versionReply(b, err, stamp)
-}
-
-// dropKeys is the del of every layout. For each key, queue deletes what
-// the layout keeps of it (value and copy fence, so that a copy of a value
-// read before the delete cannot land after it) and returns its lease
-// script keys (value or slot pin, lease) and notice channel, or nil when
-// the key has no lease; the lease is then broken by scripts.BreakLease,
-// which publishes a notice, so that waiters in other processes look again
-// at once instead of sleeping until the broken lease would have expired.
-// Everything is one pipeline (go-redis's ClusterClient splits it by
-// slot); each command and script touches one key's slot. A script the
-// server does not have yet (NOSCRIPT) is run again, loading it.
-func dropKeys(ctx context.Context, client redis.UniversalClient, keys []string, queue func(p redis.Pipeliner, key string) (leaseKeys []string, channel string)) error {
-	type breakCall struct {
-		cmd     *redis.Cmd
-		keys    []string
-		channel string
-	}
-	pub := publishCommand(client)
-	var calls []breakCall
-	cmds, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			lk, ch := queue(p, k)
-			if lk == nil {
-				continue
-			}
-			calls = append(calls, breakCall{scripts.BreakLease.EvalSha(ctx, p, lk, pub, ch), lk, ch})
-		}
-		return nil
-	})
-	if err == nil {
-		return nil
-	}
-	scriptCmds := make(map[redis.Cmder]bool, len(calls))
-	var errs []error
-	for _, c := range calls {
-		scriptCmds[c.cmd] = true
-		e := c.cmd.Err()
-		if redis.HasErrorPrefix(e, "NOSCRIPT") {
-			e = scripts.BreakLease.Run(ctx, client, c.keys, pub, c.channel).Err()
-		}
-		if e != nil && !errors.Is(e, redis.Nil) {
-			errs = append(errs, e)
-		}
-	}
-	for _, c := range cmds {
-		if e := c.Err(); e != nil && !errors.Is(e, redis.Nil) && !scriptCmds[c] {
-			errs = append(errs, e)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// physicalTTL rounds a lifetime to what Redis accepts: at least 1ms, since
-// PX 0 is an error and a zero TTL would make the key live forever.
-func physicalTTL(ttl time.Duration) time.Duration {
-	if ttl < time.Millisecond {
-		return time.Millisecond
-	}
-	return ttl
-}
-
-// publishCommand is how scripts announce notices: sharded pub/sub on a
-// cluster, so a notice travels only to the key's shard, not over the whole
-// cluster bus.
-func publishCommand(client redis.UniversalClient) string {
-	if _, ok := client.(*redis.ClusterClient); ok {
-		return "SPUBLISH"
-	}
-	return "PUBLISH"
+	v := reflect.ValueOf(c)
+	return v.Kind() == reflect.Pointer && v.IsNil()
 }

@@ -53,16 +53,16 @@ func (c *Cache[T]) maybeRefreshEarly(ctx context.Context, key string, e *entry[T
 		return
 	}
 	if c.startRefresh(ctx, key, load) {
-		c.stats.earlyRefreshes.Add(1)
+		c.rec.inc(evEarlyRefresh)
 	}
 }
 
 // serveStale accounts for a stale value that Fetch returns, and starts its
 // refresh unless the key's refreshes are failing.
 func (c *Cache[T]) serveStale(ctx context.Context, key string, now int64, load func(context.Context) (T, error)) {
-	c.stats.staleHits.Add(1)
+	c.rec.inc(evStaleHit)
 	if c.refresh.inBackoff(key, now) {
-		c.stats.failSafeHits.Add(1)
+		c.rec.inc(evFailSafeHit)
 		return
 	}
 	c.startRefresh(ctx, key, load)
@@ -90,7 +90,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 	att, err := c.store.acquireLease(ctx, key, token, ttl, false)
 	if err != nil {
 		if ctx.Err() == nil {
-			c.stats.redisErrors.Add(1)
+			c.rec.inc(evRedisError)
 			c.logBg.log(ctx, c.log, slog.LevelWarn, "layercache: background refresh could not take the lease",
 				slog.String("key", key), slog.Any("err", err))
 		}
@@ -98,7 +98,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 	}
 	if !att.acquired {
 		// Another process (or a load here) is at it already.
-		c.stats.refreshesSkipped.Add(1)
+		c.rec.inc(evRefreshSkipped)
 		return
 	}
 	_, err = c.loadUnderLease(ctx, key, token, ttl, load, nil)
@@ -110,7 +110,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 		now := c.nowMillis()
 		c.refresh.setBackoff(key, now, now+c.cfg.failSafeWait.Milliseconds())
 	}
-	c.stats.refreshErrors.Add(1) // after the backoff: a reader that sees the count sees the backoff
+	c.rec.inc(evRefreshError) // after the backoff: a reader that sees the count sees the backoff
 	c.logBg.log(ctx, c.log, slog.LevelWarn, "layercache: background refresh failed; the cached value is still served",
 		slog.String("key", key), slog.Duration("backoff", c.cfg.failSafeWait), slog.Any("err", err))
 }

@@ -59,22 +59,26 @@ func TestWaitDelay(t *testing.T) {
 	}
 }
 
-func TestParseLeaseAttempt(t *testing.T) {
-	a, err := parseLeaseAttempt([]any{nil, int64(0), int64(750)})
-	if err != nil || a.acquired || a.env != nil || a.heldFor != 750*time.Millisecond {
-		t.Fatalf("held: %+v, %v", a, err)
+func TestParseAcquire(t *testing.T) {
+	r, err := parseAcquire([]any{nil, int64(0), int64(750), int64(-2), nil, int64(-2)})
+	if err != nil || r.taken || r.value != nil || r.heldFor != 750*time.Millisecond {
+		t.Fatalf("held: %+v, %v", r, err)
 	}
-	a, err = parseLeaseAttempt([]any{"env", int64(1), int64(0)})
-	if err != nil || !a.acquired || string(a.env) != "env" {
-		t.Fatalf("taken: %+v, %v", a, err)
+	r, err = parseAcquire([]any{"env", int64(1), int64(0), int64(-2), nil, int64(-2)})
+	if err != nil || !r.taken || string(r.value) != "env" {
+		t.Fatalf("taken: %+v, %v", r, err)
 	}
-	a, err = parseLeaseAttempt([]any{nil, int64(0), int64(-1)}) // lease without expiry
-	if err != nil || a.heldFor != 0 {
-		t.Fatalf("no expiry: %+v, %v", a, err)
+	r, err = parseAcquire([]any{nil, int64(0), int64(-1), int64(-2), nil, int64(-2)}) // lease without expiry
+	if err != nil || r.heldFor != 0 {
+		t.Fatalf("no expiry: %+v, %v", r, err)
 	}
-	for _, bad := range [][]any{nil, {nil, int64(1)}, {int64(3), int64(1), int64(0)}, {nil, "1", int64(0)}} {
-		if _, err := parseLeaseAttempt(bad); err == nil {
-			t.Errorf("parseLeaseAttempt(%v) accepted", bad)
+	r, err = parseAcquire([]any{"p", int64(1), int64(0), int64(1500), "stamp", int64(-1)}) // Raw
+	if err != nil || r.valueTTL != 1500*time.Millisecond || string(r.stamp) != "stamp" || r.stampTTL != -1 {
+		t.Fatalf("raw parts: %+v, %v", r, err)
+	}
+	for _, bad := range [][]any{nil, {nil, int64(1)}, {int64(3), int64(1), int64(0)}, {nil, "1", int64(0), int64(0), nil, int64(0)}} {
+		if _, err := parseAcquire(bad); err == nil {
+			t.Errorf("parseAcquire(%v) accepted", bad)
 		}
 	}
 }

@@ -1,7 +1,5 @@
 package layercache
 
-import "sync/atomic"
-
 // Stats is a snapshot of a cache's counters since [New]. Counters only grow.
 // For dashboards, prefer the OpenTelemetry metrics; Stats is for tests,
 // health endpoints and users without OpenTelemetry.
@@ -79,61 +77,4 @@ type Stats struct {
 	Swept uint64
 	// Migration counts a migrating cache's reads and writes per side.
 	Migration MigrationStats
-}
-
-// counters is the live, lock-free form of Stats.
-type counters struct {
-	localHits, redisHits, negativeHits, misses    atomic.Uint64
-	loads, loadErrors, loadPanics, coalesced      atomic.Uint64
-	decodeErrors, redisErrors                     atomic.Uint64
-	writes, negativeWrites, deletes, skippedWrite atomic.Uint64
-
-	leasesAcquired, leaseWaits, leaseWaitTimeouts, leasesLost atomic.Uint64
-	earlyRefreshes, staleHits, failSafeHits                   atomic.Uint64
-	refreshesSkipped, refreshErrors                           atomic.Uint64
-
-	localBypasses, localFlushes              atomic.Uint64
-	invalidationsSent, invalidationsReceived atomic.Uint64
-
-	upgrades, upgradeErrors, validationFailures atomic.Uint64
-	swept                                       atomic.Uint64
-}
-
-func (c *counters) snapshot() Stats {
-	return Stats{
-		LocalHits:      c.localHits.Load(),
-		RedisHits:      c.redisHits.Load(),
-		NegativeHits:   c.negativeHits.Load(),
-		Misses:         c.misses.Load(),
-		Loads:          c.loads.Load(),
-		LoadErrors:     c.loadErrors.Load(),
-		LoadPanics:     c.loadPanics.Load(),
-		Coalesced:      c.coalesced.Load(),
-		DecodeErrors:   c.decodeErrors.Load(),
-		RedisErrors:    c.redisErrors.Load(),
-		Writes:         c.writes.Load(),
-		NegativeWrites: c.negativeWrites.Load(),
-		Deletes:        c.deletes.Load(),
-		SkippedWrites:  c.skippedWrite.Load(),
-
-		LeasesAcquired:    c.leasesAcquired.Load(),
-		LeaseWaits:        c.leaseWaits.Load(),
-		LeaseWaitTimeouts: c.leaseWaitTimeouts.Load(),
-		LeasesLost:        c.leasesLost.Load(),
-		EarlyRefreshes:    c.earlyRefreshes.Load(),
-		StaleHits:         c.staleHits.Load(),
-		FailSafeHits:      c.failSafeHits.Load(),
-		RefreshesSkipped:  c.refreshesSkipped.Load(),
-		RefreshErrors:     c.refreshErrors.Load(),
-
-		LocalBypasses:         c.localBypasses.Load(),
-		LocalFlushes:          c.localFlushes.Load(),
-		InvalidationsSent:     c.invalidationsSent.Load(),
-		InvalidationsReceived: c.invalidationsReceived.Load(),
-
-		Upgrades:           c.upgrades.Load(),
-		UpgradeErrors:      c.upgradeErrors.Load(),
-		ValidationFailures: c.validationFailures.Load(),
-		Swept:              c.swept.Load(),
-	}
 }

@@ -2,35 +2,66 @@ package layercache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"time"
 
+	"github.com/layercache/layercache/internal/scripts"
 	"github.com/redis/go-redis/v9"
 )
 
-// store is where a cache keeps its envelopes in Redis. A Layout makes one;
-// a migration wraps two. Methods take user keys (already validated) and
-// envelope bytes; a store that keeps another format (Raw) converts at its
-// edge, so the read path above it only ever sees envelopes.
+// store is where a cache keeps its envelopes in Redis. A Layout makes one
+// (store_kv.go, store_hash.go, store_raw.go); a migration wraps two
+// (store_dual.go); upgrade on read wraps one (store_upgrade.go). Methods
+// take user keys (already validated) and envelope bytes; a store that keeps
+// another format (Raw) converts at its edge, so everything above it only
+// ever sees envelopes.
+//
+// Every store keeps a key's value, lease, copy fence and notice channel in
+// one Cluster slot, so that one script may check a lease and write the
+// value together (internal/scripts):
+//
+//	key per entry  ns:ver:{key}            ns:ver:{key}:lease            ns:ver:{key}:notice
+//	Hash(n)        <shard hash>, field key <shard hash>:lease:<key>     <shard hash>:notice:<key>
+//	Raw(pattern)   <raw key>               {<raw key>}\xfflc:lease        {<raw key>}\xfflc:notice
+//
+// (for a raw key with a hash tag of its own, the suffix is appended to it).
 type store interface {
 	// get returns the envelope stored for key, or (nil, nil) when absent.
 	get(ctx context.Context, key string) ([]byte, error)
-	// set stores env for key as a new write; ttl is the physical lifetime
-	// (fresh + grace). It replaces what the key holds; the write version
-	// stored is env's, or one past the key's current version if that is
-	// not older (writeFresh in layout.go), so versions of one key grow in
-	// the order writes land.
-	set(ctx context.Context, key string, env []byte, ttl time.Duration) error
-	// del removes the values of keys and anything tied to them (leases).
-	// Keys may fall in different Cluster slots.
+	// getMany returns the envelopes of keys, nil for the absent ones, in
+	// one round trip per Cluster slot group (a migrating or upgrading
+	// store adds one for the keys it falls back on). On a partial failure
+	// it returns what it read, nil for the keys it could not read, and the
+	// error.
+	getMany(ctx context.Context, keys []string) ([][]byte, error)
+	// write is the one write of every store: see writeOpts.
+	write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error)
+	// writeMany applies writes in one round trip per slot group where the
+	// store can (a dual store's fresh writes take their own steps).
+	writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error)
+	// del removes the values of keys and everything tied to them (lease,
+	// copy fence), breaking leases with a notice, one key at a time
+	// atomically. Keys may fall in different Cluster slots.
 	del(ctx context.Context, keys []string) error
+	// version returns the write version key holds (0 if none). It may
+	// overstate it (a stale Raw stamp), never understate it.
+	version(ctx context.Context, key string) (uint64, error)
 
-	// Leases (lease.go). A lease is a random token at the key's lease key,
-	// namespace:version:{key}:lease; every write made under it checks the
-	// token in the same script (fencing), and value, lease and notice
-	// channel share the key's Cluster slot.
+	// Copy fences (scripts.Arm): a copy into this store of a value read
+	// elsewhere is written (write with writeOpts.fence) only if the fence
+	// armed before that read still holds its token, so a Delete in
+	// between voids it.
+
+	// armMany adds token to the copy fence of every key, on every side a
+	// copy of it would be written to.
+	armMany(ctx context.Context, keys []string, token string) error
+
+	// Leases (lease.go). A lease is a random token at the key's lease key;
+	// every write made under it checks the token in the same script.
 
 	// acquireLease takes key's lease for token, for ttl, if nobody holds
 	// it. With read, it also returns key's envelope, read in the same step.
@@ -38,21 +69,50 @@ type store interface {
 	// renewLease extends key's lease to ttl if token still holds it, and
 	// reports whether it did.
 	renewLease(ctx context.Context, key, token string, ttl time.Duration) (bool, error)
-	// fillLeased stores env as set does if token still holds key's lease,
-	// releases the lease and publishes a notice; it reports whether env
-	// was stored. When the lease is free (a write broke it), it still
-	// publishes a notice so that waiters look again.
-	fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error)
 	// releaseLease drops key's lease if token holds it and publishes a
 	// notice.
 	releaseLease(ctx context.Context, key, token string) error
-	// setBreakingLease stores env as set does and drops key's lease,
-	// whoever holds it, so that a fill that started before this write
-	// cannot land after it.
-	setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error
 	// noticeChannel is the pub/sub channel of key's notices; it hashes to
 	// key's slot.
 	noticeChannel(key string) string
+}
+
+// writeOpts says how store.write applies a write. The zero value is a
+// fresh write: it replaces what the key holds, and the write version
+// stored is env's, or one past the key's current version if that is not
+// older, so versions of one key grow in the order writes land (Redis's
+// order, whatever the writers' clocks say).
+type writeOpts struct {
+	// copy makes the write set-if-newer: a copy of a value that already
+	// has its version (the second side of a dual write, a backfill, an
+	// upgrade), applied only if the key holds no version at or past it,
+	// so a retried or reordered copy never makes an entry older.
+	copy bool
+	// lease, if set, writes only while this token holds the key's lease,
+	// then releases it with a notice (a fill). A lost lease is
+	// written=false, not an error.
+	lease string
+	// breakLease drops the key's lease, whoever holds it, in the same
+	// step (Set): a fill that started before this write cannot land
+	// after it.
+	breakLease bool
+	// fence, if set, writes only while this token is in the key's copy
+	// fence, taking it out (a fenced copy: see scripts.Arm).
+	fence string
+}
+
+// writeResult is what a write did.
+type writeResult struct {
+	version uint64 // the write version stored
+	written bool   // false: a copy was not newer, a lease or fence was lost
+}
+
+// writeOp is one write of writeMany.
+type writeOp struct {
+	key string
+	env []byte
+	ttl time.Duration
+	w   writeOpts
 }
 
 // leaseAttempt is what acquireLease found.
@@ -62,23 +122,42 @@ type leaseAttempt struct {
 	heldFor  time.Duration // when not acquired: the holder's remaining lease time
 }
 
-// writeMode says how a layout store applies a write.
-type writeMode uint8
+// layoutStore is a store made by one Layout: one side of a migration.
+// Beyond store, it offers what dual writes, reconciliation and the
+// migration's invalidations need.
+type layoutStore interface {
+	store
+	layout() Layout
+	// readMany reads keys in one round trip per slot group, as records.
+	readMany(ctx context.Context, keys []string) ([]record, error)
+	// exists reports, in one round trip per node, which keys have a
+	// stored value (found, in readMany's terms).
+	exists(ctx context.Context, keys []string) ([]bool, error)
+	// casMany applies compare-and-set repairs, reporting which applied.
+	casMany(ctx context.Context, ops []casOp) ([]bool, error)
+	// take deletes key's value and returns the write version it held:
+	// the invalidation of the side a single-side phase does not write.
+	take(ctx context.Context, key string) (uint64, error)
+	// armVersion arms key's copy fence, then reads key's version (as
+	// version does), in one step.
+	armVersion(ctx context.Context, key, token string) (uint64, error)
+	// breakLease drops key's lease, whoever holds it, with a notice.
+	breakLease(ctx context.Context, key string) error
+	// lister lists the user keys the store holds, for a reconcile.
+	lister(ctx context.Context) (*keyLister, error)
+}
 
-const (
-	// writeFresh is a new value (Set, a fill): it replaces what is there,
-	// and the stored write version is the proposal or, if the entry
-	// already holds a version at or past it, that version's counter plus
-	// one (see bumpVersion). Writes to one entry thus get increasing
-	// versions in the order Redis applies them, whatever the writers'
-	// clocks say.
-	writeFresh writeMode = iota
-	// writeCopy is set-if-newer: a copy of a value that already has its
-	// version (the second side of a dual write, a backfill, an upgrade).
-	// It is applied only if the entry holds no version at or past it, so
-	// a retried or reordered copy never makes an entry older.
-	writeCopy
-)
+// sweeper is a store with expired entries to delete in the background
+// (Hash: Redis 7.0 has no per-field expiry).
+type sweeper interface {
+	sweep(ctx context.Context, now int64, every time.Duration) (int, error)
+	String() string
+}
+
+// sweepSource is a store that has sweepers, its own or its sides'.
+type sweepSource interface {
+	sweepers() []sweeper
+}
 
 // record is one entry as read by a batch read: the envelope the read path
 // would see (synthesised for Raw) and the bytes actually stored, which a
@@ -87,6 +166,15 @@ type record struct {
 	env    []byte // nil when absent
 	native []byte // nil when absent
 	found  bool   // native is present (even if env could not be made)
+}
+
+// envs returns the envelopes of records.
+func envs(recs []record) [][]byte {
+	out := make([][]byte, len(recs))
+	for i := range recs {
+		out[i] = recs[i].env
+	}
+	return out
 }
 
 // casOp is one compare-and-set of a repair: if the entry still holds
@@ -98,77 +186,288 @@ type casOp struct {
 	ttl    time.Duration
 }
 
-// layoutStore is a store made by a Layout. Beyond the read path's store,
-// it offers what dual writes, reconciliation and the sweep need.
-//
-// Every layoutStore keeps a key's lease and notice channel in its value's
-// slot (see layout_lease.go), so a script may check the lease and write
-// the value together.
-type layoutStore interface {
-	store
-	layout() Layout
-	// write applies env for key in the given mode and returns the write
-	// version stored, or written=false when a copy was not newer.
-	write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (version uint64, written bool, err error)
-	// readMany reads keys in one round trip per node.
-	readMany(ctx context.Context, keys []string) ([]record, error)
-	// exists reports, in one round trip per node, which keys have a
-	// stored value (found, in readMany's terms).
-	exists(ctx context.Context, keys []string) ([]bool, error)
-	// casMany applies compare-and-set repairs, reporting which applied.
-	casMany(ctx context.Context, ops []casOp) ([]bool, error)
-	// version returns the write version key holds (0 if none). It may
-	// overstate it (a stale Raw stamp), never understate it.
-	version(ctx context.Context, key string) (uint64, error)
-	// take deletes key's value and returns the write version it held:
-	// the invalidation of the side a single-side phase does not write.
-	take(ctx context.Context, key string) (uint64, error)
-
-	// fillVersioned is fillLeased, also returning the version stored.
-	fillVersioned(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
-	// overwrite is setBreakingLease, returning the version stored.
-	overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error)
-	// breakLease drops key's lease, whoever holds it, with a notice.
-	breakLease(ctx context.Context, key string) error
-
-	// Copy fences (scripts.Arm, layout_lease.go): a copy into this store
-	// of a value read elsewhere is written only if the fence armed before
-	// that read still holds its token, so a Delete in between voids it.
-
-	// arm adds token to key's copy fence.
-	arm(ctx context.Context, key, token string) error
-	// armVersion arms key's copy fence, then reads key's version (as
-	// version does), in one round trip.
-	armVersion(ctx context.Context, key, token string) (uint64, error)
-	// copyFenced is write in writeCopy mode, applied only if token is
-	// still in key's copy fence (and taking it out).
-	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
-}
-
-// newLayoutStore returns the store of l for a cache's keyspace.
+// newLayoutStore returns the store of l for a cache's keyspace. ttl is how
+// long a Raw key without a TTL counts as fresh.
 func newLayoutStore(client redis.UniversalClient, keys keyspace, l Layout, now func() int64, ttl time.Duration) layoutStore {
 	switch l.kind {
 	case kindHash:
 		return newHashStore(client, keys, l, now)
 	case kindRaw:
-		return &rawStore{client: client, l: l, now: now, ttl: ttl}
+		return newRawStore(client, l, now, ttl)
 	}
-	return &keyPerEntryStore{client: client, keys: keys}
+	return newKVStore(client, keys, now)
 }
+
+// ---- the per-key scripts, shared by the layouts ----
+
+// loc is where one user key lives in a layout: every Redis key its scripts
+// touch, all in one Cluster slot, and how the scripts find the entry (see
+// internal/scripts).
+type loc struct {
+	keys    []string // container, lease, copy fence[, Raw stamp]
+	layout  string   // "k", "h" or "r"
+	field   string   // Hash: the field
+	timed   bool     // Hash: the scripts need now (expired fields count as absent)
+	channel string   // lease notices
+}
+
+// keyed is the part of every layout store that runs the per-key scripts;
+// a layout says where a key lives (locate) and, for Raw, how its TTLs and
+// values differ from an envelope's (rawTTL, synth).
+type keyed struct {
+	client  redis.UniversalClient
+	pub     string       // PUBLISH, or SPUBLISH on a cluster
+	cluster bool         // batch reads group keys by slot
+	now     func() int64 // the cache's clock, Unix ms
+	locate  func(key string) (loc, error)
+	// writeTTL, if set, turns a write's TTL into the layout's (Raw keeps
+	// only the fresh part, see rawTTL); ok=false skips the write.
+	writeTTL func(env []byte, ttl time.Duration, copy bool) (time.Duration, bool)
+	// synth, if set, makes the envelope of what Acquire read (Raw).
+	synth func(r *acquireReply) []byte
+}
+
+func newKeyed(client redis.UniversalClient, now func() int64) keyed {
+	return keyed{client: client, pub: publishCommand(client), cluster: isCluster(client), now: now}
+}
+
+// call returns the script call for l with the operation's args.
+func (k *keyed) call(l *loc, args ...any) scriptCall {
+	now := ""
+	if l.timed {
+		now = strconv.FormatInt(k.now(), 10)
+	}
+	return scriptCall{keys: l.keys, args: append([]any{l.layout, l.field, now}, args...)}
+}
+
+// run runs script for key.
+func (k *keyed) run(ctx context.Context, script *redis.Script, key string, args ...any) *redis.Cmd {
+	l, err := k.locate(key)
+	if err != nil {
+		cmd := redis.NewCmd(ctx)
+		cmd.SetErr(err)
+		return cmd
+	}
+	c := k.call(&l, args...)
+	return script.Run(ctx, k.client, c.keys, c.args...)
+}
+
+// writeCall returns the Write script call of one write, or ok=false when
+// the layout skips it (writeTTL).
+func (k *keyed) writeCall(op *writeOp) (scriptCall, bool, error) {
+	l, err := k.locate(op.key)
+	if err != nil {
+		return scriptCall{}, false, err
+	}
+	ttl := op.ttl
+	if k.writeTTL != nil {
+		var ok bool
+		if ttl, ok = k.writeTTL(op.env, ttl, op.w.copy); !ok {
+			return scriptCall{}, false, nil
+		}
+	}
+	mode := "f"
+	if op.w.copy {
+		mode = "c"
+	}
+	return k.call(&l, op.env, ttlMillis(ttl), mode, op.w.lease, boolArg(op.w.breakLease), op.w.fence, k.pub, l.channel), true, nil
+}
+
+func (k *keyed) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
+	c, ok, err := k.writeCall(&writeOp{key: key, env: env, ttl: ttl, w: w})
+	if err != nil || !ok {
+		return writeResult{}, err
+	}
+	return versionResult(scripts.Write.Run(ctx, k.client, c.keys, c.args...))
+}
+
+func (k *keyed) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error) {
+	out := make([]writeResult, len(ops))
+	calls := make([]scriptCall, 0, len(ops))
+	idx := make([]int, 0, len(ops))
+	var errs []error
+	for i := range ops {
+		c, ok, err := k.writeCall(&ops[i])
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if ok {
+			calls, idx = append(calls, c), append(idx, i)
+		}
+	}
+	cmds, err := evalMany(ctx, k.client, scripts.Write, calls)
+	for j, cmd := range cmds {
+		out[idx[j]], _ = versionResult(cmd)
+	}
+	return out, errors.Join(append(errs, err)...)
+}
+
+func (k *keyed) del(ctx context.Context, keys []string) error {
+	calls := make([]scriptCall, 0, len(keys))
+	for _, key := range keys {
+		l, err := k.locate(key)
+		if err != nil {
+			return err
+		}
+		calls = append(calls, k.call(&l, k.pub, l.channel))
+	}
+	_, err := evalMany(ctx, k.client, scripts.Delete, calls)
+	return err
+}
+
+func (k *keyed) version(ctx context.Context, key string) (uint64, error) {
+	return versionReply(k.run(ctx, scripts.Version, key))
+}
+
+func (k *keyed) take(ctx context.Context, key string) (uint64, error) {
+	return versionReply(k.run(ctx, scripts.Take, key))
+}
+
+func (k *keyed) armVersion(ctx context.Context, key, token string) (uint64, error) {
+	return versionReply(k.run(ctx, scripts.Arm, key, token, fenceTTL.Milliseconds(), "1"))
+}
+
+func (k *keyed) armMany(ctx context.Context, keys []string, token string) error {
+	calls := make([]scriptCall, 0, len(keys))
+	for _, key := range keys {
+		l, err := k.locate(key)
+		if err != nil {
+			continue // such a key is never copied to
+		}
+		calls = append(calls, k.call(&l, token, fenceTTL.Milliseconds(), "0"))
+	}
+	_, err := evalMany(ctx, k.client, scripts.Arm, calls)
+	return err
+}
+
+func (k *keyed) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
+	out := make([]bool, len(ops))
+	calls := make([]scriptCall, 0, len(ops))
+	idx := make([]int, 0, len(ops))
+	for i, op := range ops {
+		l, err := k.locate(op.key)
+		if err != nil {
+			continue
+		}
+		ttl := op.ttl
+		if op.env != nil && k.writeTTL != nil {
+			var ok bool
+			if ttl, ok = k.writeTTL(op.env, ttl, true); !ok {
+				continue // see rawTTL: a stale value is not repaired
+			}
+		}
+		calls = append(calls, k.call(&l, boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(ttl)))
+		idx = append(idx, i)
+	}
+	cmds, err := evalMany(ctx, k.client, scripts.CAS, calls)
+	for j, c := range cmds {
+		n, e := c.Int()
+		out[idx[j]] = e == nil && n == 1
+	}
+	return out, err
+}
+
+// acquireReply is the Acquire script's reply.
+type acquireReply struct {
+	value              []byte // native bytes, nil when absent or not read
+	taken              bool
+	heldFor            time.Duration
+	valueTTL, stampTTL time.Duration // Raw: PTTLs (-1 no expiry, -2 absent)
+	stamp              []byte        // Raw: the version stamp
+}
+
+func (k *keyed) acquireLease(ctx context.Context, key, token string, ttl time.Duration, read bool) (leaseAttempt, error) {
+	res, err := k.run(ctx, scripts.Acquire, key, token, ttlMillis(ttl), boolArg(read)).Slice()
+	if err != nil {
+		return leaseAttempt{}, err
+	}
+	r, err := parseAcquire(res)
+	if err != nil {
+		return leaseAttempt{}, err
+	}
+	a := leaseAttempt{acquired: r.taken, heldFor: r.heldFor, env: r.value}
+	if read && k.synth != nil {
+		a.env = k.synth(&r)
+	}
+	return a, nil
+}
+
+// parseAcquire decodes {value, taken, lease PTTL, value PTTL, stamp,
+// stamp PTTL}.
+func parseAcquire(res []any) (acquireReply, error) {
+	var r acquireReply
+	if len(res) != 6 {
+		return r, fmt.Errorf("layercache: lease script returned %d values, want 6", len(res))
+	}
+	var ints [4]int64
+	for i, j := range [...]int{1, 2, 3, 5} {
+		n, ok := res[j].(int64)
+		if !ok {
+			return r, fmt.Errorf("layercache: lease script returned a %T, want an integer", res[j])
+		}
+		ints[i] = n
+	}
+	if v, ok := res[0].(string); ok {
+		r.value = []byte(v)
+	}
+	if v, ok := res[4].(string); ok {
+		r.stamp = []byte(v)
+	}
+	r.taken = ints[0] == 1
+	if ints[1] > 0 {
+		r.heldFor = time.Duration(ints[1]) * time.Millisecond
+	}
+	r.valueTTL, r.stampTTL = redisTTL(ints[2]), redisTTL(ints[3])
+	return r, nil
+}
+
+// redisTTL converts a PTTL reply as go-redis does: -1 and -2 stay as they
+// are (no expiry, no key), other values are milliseconds.
+func redisTTL(ms int64) time.Duration {
+	if ms < 0 {
+		return time.Duration(ms)
+	}
+	return time.Duration(ms) * time.Millisecond
+}
+
+func (k *keyed) renewLease(ctx context.Context, key, token string, ttl time.Duration) (bool, error) {
+	n, err := k.run(ctx, scripts.Renew, key, token, ttlMillis(ttl)).Int()
+	return n == 1, err
+}
+
+func (k *keyed) releaseLease(ctx context.Context, key, token string) error {
+	l, err := k.locate(key)
+	if err != nil {
+		return err
+	}
+	c := k.call(&l, token, k.pub, l.channel)
+	return scripts.Release.Run(ctx, k.client, c.keys, c.args...).Err()
+}
+
+func (k *keyed) breakLease(ctx context.Context, key string) error {
+	l, err := k.locate(key)
+	if err != nil {
+		return err
+	}
+	c := k.call(&l, k.pub, l.channel)
+	return scripts.BreakLease.Run(ctx, k.client, c.keys, c.args...).Err()
+}
+
+// ---- building a cache's store ----
 
 const defaultSweepEvery = 30 * time.Second
 
 // buildStore makes the cache's store from its layout or migration, wraps
 // it for upgrade on read, and starts the background work (phase follower,
-// Hash sweeps), which Close stops and waits for. It runs at the end of
-// New, after every option has been checked.
+// sweeps), which Close stops and waits for. It runs at the end of New,
+// after every option has been checked.
 func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 	build := func(keys keyspace) store {
 		switch {
 		case c.cfg.migration != nil:
 			m := c.cfg.migration
 			if c.mig == nil {
-				c.mig = newMigration(m.name, c.client, c.cfg.phasePoll, c.log)
+				c.mig = newMigration(m.name, c.client, c.cfg.phasePoll, c.cfg.clock, c.log)
 			}
 			return &dualStore{mig: c.mig, now: c.nowMillis, sides: [2]layoutStore{
 				newLayoutStore(c.client, keys, m.from, c.nowMillis, c.cfg.ttl),
@@ -177,35 +476,30 @@ func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 		case c.cfg.layout != nil:
 			return newLayoutStore(c.client, keys, *c.cfg.layout, c.nowMillis, c.cfg.ttl)
 		}
-		return &keyPerEntryStore{client: c.client, keys: keys}
+		return newKVStore(c.client, keys, c.nowMillis)
 	}
 	st := build(c.keys)
-	// Only the current version's Hash stores are swept: older versions
-	// are read, not written, and their keys expire or are purged.
-	switch s := st.(type) {
-	case *hashStore:
-		c.sweeps = append(c.sweeps, s)
-	case *dualStore:
-		for _, side := range s.sides {
-			if h, ok := side.(*hashStore); ok {
-				c.sweeps = append(c.sweeps, h)
-			}
-		}
-	}
 	if c.mig != nil {
 		c.bg.Add(1)
 		go func() { defer c.bg.Done(); c.mig.follow(c.closeCtx) }()
 	}
-	for _, h := range c.sweeps {
-		c.bg.Add(1)
-		go func() { defer c.bg.Done(); c.sweepLoop(h) }()
+	if len(upgrades) > 0 {
+		st = c.upgrading(st, upgrades, build)
 	}
-	if len(upgrades) == 0 {
-		return st
+	if ss, ok := st.(sweepSource); ok {
+		for _, sw := range ss.sweepers() {
+			c.bg.Add(1)
+			go func() { defer c.bg.Done(); c.sweepLoop(sw) }()
+		}
 	}
-	u := &upgradingStore{store: st, now: c.nowMillis, stats: &c.stats, log: c.log, logs: &c.logBg}
+	return st
+}
+
+// upgrading wraps st for upgrade on read from the older versions.
+func (c *Cache[T]) upgrading(st store, upgrades []upgradeOption, build func(keyspace) store) store {
+	u := &upgradingStore{store: st, now: c.nowMillis, rec: &c.rec, log: c.log, logs: &c.logBg}
+	codec := c.cfg.codec
 	if c.vals != nil {
-		codec := c.cfg.codec
 		u.validate = func(ctx context.Context, key string, payload []byte) bool {
 			var v T
 			if err := codec.Unmarshal(payload, &v); err != nil {
@@ -215,7 +509,6 @@ func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 		}
 	}
 	for _, up := range upgrades {
-		codec := c.cfg.codec
 		convert := up.convert
 		u.olds = append(u.olds, oldVersion{
 			version: up.version,
@@ -226,54 +519,24 @@ func (c *Cache[T]) buildStore(upgrades []upgradeOption) store {
 	return u
 }
 
-// sweepLoop sweeps h every sweepEvery (jittered) until Close.
-func (c *Cache[T]) sweepLoop(h *hashStore) {
+// sweepLoop runs sw every sweepEvery (jittered) until Close.
+func (c *Cache[T]) sweepLoop(sw sweeper) {
 	every := c.cfg.sweepEvery
-	t := time.NewTimer(jitterDur(every))
-	defer t.Stop()
 	for {
-		select {
-		case <-c.closeCtx.Done():
+		if !sleep(c.closeCtx, c.cfg.clock, jitterDur(every)) {
 			return
-		case <-t.C:
 		}
-		n, err := h.sweep(c.closeCtx, c.nowMillis(), every)
-		c.stats.swept.Add(uint64(n))
+		n, err := sw.sweep(c.closeCtx, c.nowMillis(), every)
+		c.rec.add(evSwept, uint64(n))
 		if err != nil && c.closeCtx.Err() == nil {
-			c.stats.redisErrors.Add(1)
-			c.logBg.log(c.closeCtx, c.log, slog.LevelWarn, "layercache: sweeping expired hash fields failed",
-				slog.String("layout", h.l.String()), slog.Any("err", err))
+			c.rec.inc(evRedisError)
+			c.logBg.log(c.closeCtx, c.log, slog.LevelWarn, "layercache: sweeping expired entries failed",
+				slog.String("layout", sw.String()), slog.Any("err", err))
 		}
-		t.Reset(jitterDur(every))
 	}
 }
 
 // jitterDur spreads d by ±10%.
 func jitterDur(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * (0.9 + 0.2*rand.Float64()))
-}
-
-// parseLeaseAttempt decodes the Acquire script's {value|nil, taken, pttl}.
-func parseLeaseAttempt(res []any) (leaseAttempt, error) {
-	var a leaseAttempt
-	if len(res) != 3 {
-		return a, fmt.Errorf("layercache: lease script returned %d values, want 3", len(res))
-	}
-	switch v := res[0].(type) {
-	case nil:
-	case string:
-		a.env = []byte(v)
-	default:
-		return a, fmt.Errorf("layercache: lease script returned a %T value", v)
-	}
-	taken, ok1 := res[1].(int64)
-	pttl, ok2 := res[2].(int64)
-	if !ok1 || !ok2 {
-		return a, fmt.Errorf("layercache: lease script returned %T, %T; want integers", res[1], res[2])
-	}
-	a.acquired = taken == 1
-	if pttl > 0 {
-		a.heldFor = time.Duration(pttl) * time.Millisecond
-	}
-	return a, nil
 }

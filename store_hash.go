@@ -13,17 +13,25 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// hashStore keeps entries as fields of shard hashes; see [Hash].
+// hashStore keeps entries as fields of shard hashes; see [Hash]. A key's
+// lease, copy fence and notice channel are named after its shard, in its
+// shard's slot: <shard>:lease:<key>, <shard>:copy:<key>,
+// <shard>:notice:<key>.
 type hashStore struct {
-	client redis.UniversalClient
-	keys   keyspace
+	keyed
 	l      Layout
-	now    func() int64 // the cache's clock, Unix ms
-	shards []string     // hash keys, by shard index
+	shards []string // hash keys, by shard index
 }
 
+var (
+	_ layoutStore = (*hashStore)(nil)
+	_ sweeper     = (*hashStore)(nil)
+	_ sweepSource = (*hashStore)(nil)
+)
+
 func newHashStore(client redis.UniversalClient, keys keyspace, l Layout, now func() int64) *hashStore {
-	s := &hashStore{client: client, keys: keys, l: l, now: now, shards: make([]string, l.shards)}
+	s := &hashStore{keyed: newKeyed(client, now), l: l, shards: make([]string, l.shards)}
+	s.locate = s.at
 	base := keys.namespace + ":" + keys.version + ":h" + strconv.Itoa(l.shards) + ":{"
 	for i, tag := range shardTags(l.shards) {
 		s.shards[i] = base + tag + "}"
@@ -68,10 +76,33 @@ func computeShardTags(n int) []string {
 
 func (s *hashStore) layout() Layout { return s.l }
 
-func (s *hashStore) shardOf(key string) string {
+// String names the layout, for logs.
+func (s *hashStore) String() string { return s.l.String() }
+
+func (s *hashStore) sweepers() []sweeper { return []sweeper{s} }
+
+// shardIndex returns the index of key's shard.
+func (s *hashStore) shardIndex(key string) int {
 	h := fnv.New64a()
 	_, _ = h.Write([]byte(key))
-	return s.shards[h.Sum64()%uint64(len(s.shards))]
+	return int(h.Sum64() % uint64(len(s.shards)))
+}
+
+func (s *hashStore) shardOf(key string) string { return s.shards[s.shardIndex(key)] }
+
+func (s *hashStore) at(key string) (loc, error) {
+	shard := s.shardOf(key)
+	return loc{
+		keys:    []string{shard, shard + leaseSuffix + ":" + key, shard + fenceSuffix + ":" + key},
+		layout:  "h",
+		field:   key,
+		timed:   true,
+		channel: shard + noticeSuffix + ":" + key,
+	}, nil
+}
+
+func (s *hashStore) noticeChannel(key string) string {
+	return s.shardOf(key) + noticeSuffix + ":" + key
 }
 
 func (s *hashStore) get(ctx context.Context, key string) ([]byte, error) {
@@ -82,97 +113,47 @@ func (s *hashStore) get(ctx context.Context, key string) ([]byte, error) {
 	return b, err
 }
 
-func (s *hashStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	_, _, err := s.write(ctx, key, env, ttl, writeFresh)
-	return err
+func (s *hashStore) getMany(ctx context.Context, keys []string) ([][]byte, error) {
+	recs, err := s.readMany(ctx, keys)
+	return envs(recs), err
 }
 
-func (s *hashStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, mode writeMode) (uint64, bool, error) {
-	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key)}, key, env, ttlMillis(ttl), modeArg(mode), s.now()))
-}
-
-func (s *hashStore) copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
-	return scriptResult(scripts.HashWrite.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)},
-		key, env, ttlMillis(ttl), modeArg(writeCopy), s.now(), token))
-}
-
-// fence returns key's copy fence, beside its lease in its shard's slot.
-func (s *hashStore) fence(key string) string { return s.shardOf(key) + ":copy:" + key }
-
-func (s *hashStore) arm(ctx context.Context, key, token string) error {
-	return armFence(ctx, s.client, s.fence(key), token)
-}
-
-func (s *hashStore) armVersion(ctx context.Context, key, token string) (uint64, error) {
-	return armThenRead(ctx, s.client, s.fence(key), token, false, func(p redis.Pipeliner) *redis.StringCmd {
-		return p.HGet(ctx, s.shardOf(key), key)
-	})
-}
-
-func (s *hashStore) del(ctx context.Context, keys []string) error {
-	// Field, lease and copy fence share the shard's slot.
-	return dropKeys(ctx, s.client, keys, func(p redis.Pipeliner, k string) ([]string, string) {
-		p.HDel(ctx, s.shardOf(k), k)
-		p.Del(ctx, s.fence(k))
-		return s.leaseKeys(k), s.noticeChannel(k)
-	})
-}
-
+// readMany is one HMGET per shard, pipelined: a shard is one slot, so one
+// round trip per node.
 func (s *hashStore) readMany(ctx context.Context, keys []string) ([]record, error) {
-	cmds := make([]*redis.StringCmd, len(keys))
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, k := range keys {
-			cmds[i] = p.HGet(ctx, s.shardOf(k), k)
+	byShard := make(map[int]int, len(s.shards))
+	var groups [][]int
+	var shards []string
+	for i, k := range keys {
+		sh := s.shardIndex(k)
+		g, ok := byShard[sh]
+		if !ok {
+			g = len(groups)
+			byShard[sh] = g
+			groups, shards = append(groups, nil), append(shards, s.shards[sh])
 		}
-		return nil
-	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, err
+		groups[g] = append(groups[g], i)
 	}
-	out := make([]record, len(keys))
-	for i, cmd := range cmds {
-		if b, err := cmd.Bytes(); err == nil {
-			out[i] = record{env: b, native: b, found: true}
+	gi := 0
+	return mgetRecords(ctx, s.client, groups, func(p redis.Pipeliner, g []int) *redis.SliceCmd {
+		fields := make([]string, len(g))
+		for j, i := range g {
+			fields[j] = keys[i]
 		}
-	}
-	return out, nil
+		cmd := p.HMGet(ctx, shards[gi], fields...)
+		gi++
+		return cmd
+	}, len(keys))
 }
 
 func (s *hashStore) exists(ctx context.Context, keys []string) ([]bool, error) {
-	cmds := make([]*redis.BoolCmd, len(keys))
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, k := range keys {
-			cmds[i] = p.HExists(ctx, s.shardOf(k), k)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	out := make([]bool, len(keys))
-	for i, c := range cmds {
-		out[i] = c.Val()
-	}
-	return out, nil
+	return existsMany(ctx, s.client, keys,
+		func(p redis.Pipeliner, k string) *redis.BoolCmd { return p.HExists(ctx, s.shardOf(k), k) },
+		func(b bool) bool { return b })
 }
 
-func (s *hashStore) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
-	calls := make([]scriptCall, len(ops))
-	for i, op := range ops {
-		calls[i] = scriptCall{keys: []string{s.shardOf(op.key)},
-			args: []any{op.key, boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(op.ttl)}}
-	}
-	return casResults(evalMany(ctx, s.client, scripts.HashCAS, calls))
-}
-
-func (s *hashStore) version(ctx context.Context, key string) (uint64, error) {
-	b, err := s.client.HGet(ctx, s.shardOf(key), key).Bytes()
-	return versionReply(b, err, false)
-}
-
-func (s *hashStore) take(ctx context.Context, key string) (uint64, error) {
-	b, err := scripts.HashTake.Run(ctx, s.client, []string{s.shardOf(key), s.fence(key)}, key).Text()
-	return versionReply([]byte(b), err, false)
+func (s *hashStore) lister(context.Context) (*keyLister, error) {
+	return &keyLister{client: s.client, hashes: s.shards}, nil
 }
 
 // sweepBatch is how many fields one HSCAN step looks at.
@@ -217,54 +198,4 @@ func (s *hashStore) sweep(ctx context.Context, now int64, every time.Duration) (
 		}
 	}
 	return total, nil
-}
-
-// leaseKeys returns the shard hash and the key's lease.
-func (s *hashStore) leaseKeys(key string) []string {
-	shard := s.shardOf(key)
-	return []string{shard, shard + ":lease:" + key}
-}
-
-func (s *hashStore) noticeChannel(key string) string { return s.shardOf(key) + ":notice:" + key }
-
-func (s *hashStore) acquireLease(ctx context.Context, key, token string, ttl time.Duration, read bool) (leaseAttempt, error) {
-	res, err := scripts.HashAcquire.Run(ctx, s.client, s.leaseKeys(key), token, physicalTTL(ttl).Milliseconds(), boolArg(read), key).Slice()
-	if err != nil {
-		return leaseAttempt{}, err
-	}
-	return parseLeaseAttempt(res)
-}
-
-func (s *hashStore) renewLease(ctx context.Context, key, token string, ttl time.Duration) (bool, error) {
-	n, err := scripts.Renew.Run(ctx, s.client, s.leaseKeys(key), token, physicalTTL(ttl).Milliseconds()).Int()
-	return n == 1, err
-}
-
-func (s *hashStore) fillLeased(ctx context.Context, key, token string, env []byte, ttl time.Duration) (bool, error) {
-	_, ok, err := s.fillVersioned(ctx, key, token, env, ttl)
-	return ok, err
-}
-
-func (s *hashStore) fillVersioned(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error) {
-	return leaseWriteResult(scripts.HashFill.Run(ctx, s.client, s.leaseKeys(key), token, env, ttlMillis(ttl),
-		publishCommand(s.client), s.noticeChannel(key), key, s.now()))
-}
-
-func (s *hashStore) releaseLease(ctx context.Context, key, token string) error {
-	return scripts.Release.Run(ctx, s.client, s.leaseKeys(key), token, publishCommand(s.client), s.noticeChannel(key)).Err()
-}
-
-func (s *hashStore) setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	_, err := s.overwrite(ctx, key, env, ttl)
-	return err
-}
-
-func (s *hashStore) overwrite(ctx context.Context, key string, env []byte, ttl time.Duration) (uint64, error) {
-	v, _, err := leaseWriteResult(scripts.HashOverwrite.Run(ctx, s.client, s.leaseKeys(key), env, ttlMillis(ttl),
-		publishCommand(s.client), s.noticeChannel(key), key, s.now()))
-	return v, err
-}
-
-func (s *hashStore) breakLease(ctx context.Context, key string) error {
-	return scripts.BreakLease.Run(ctx, s.client, s.leaseKeys(key), publishCommand(s.client), s.noticeChannel(key)).Err()
 }

@@ -17,30 +17,6 @@ type oldVersion struct {
 	convert func(payload []byte) ([]byte, error)
 }
 
-// fencedCopier is a store that can arm a key's copy fence and write a copy
-// only while the fence holds (layout stores and the dual store).
-type fencedCopier interface {
-	arm(ctx context.Context, key, token string) error
-	copyFenced(ctx context.Context, key, token string, env []byte, ttl time.Duration) (uint64, bool, error)
-}
-
-// storeVersion returns the highest write version st holds for key: of a
-// layout store, or of either side of a dual store; 0 for other stores.
-func storeVersion(ctx context.Context, st store, key string) (uint64, error) {
-	switch s := st.(type) {
-	case layoutStore:
-		return s.version(ctx, key)
-	case *dualStore:
-		a, err := s.sides[sideOld].version(ctx, key)
-		if err != nil {
-			return 0, err
-		}
-		b, err := s.sides[sideNew].version(ctx, key)
-		return max(a, b), err
-	}
-	return 0, nil
-}
-
 // upgradingStore is the current version's store, plus upgrade on read: a
 // key absent (or past its physical end) at the current version is looked
 // up at older versions. Writes and deletes also delete the key at the
@@ -50,115 +26,199 @@ func storeVersion(ctx context.Context, st store, key string) (uint64, error) {
 // (leases) through to the current version unchanged.
 type upgradingStore struct {
 	store
-	olds  []oldVersion
-	now   func() int64
-	stats *counters
-	log   *slog.Logger
-	logs  *throttledLog
+	olds []oldVersion
+	now  func() int64
+	rec  *recorder
+	log  *slog.Logger
+	logs *throttledLog
 	// validate, if set, runs the cache's validators on an upgraded
 	// payload; false means it failed (and was counted) and must be
 	// neither written nor served.
 	validate func(ctx context.Context, key string, payload []byte) bool
 }
 
+var (
+	_ store       = (*upgradingStore)(nil)
+	_ sweepSource = (*upgradingStore)(nil)
+)
+
+// sweepers are the current version's: older versions are read, not
+// written, and their keys expire or are purged.
+func (u *upgradingStore) sweepers() []sweeper {
+	if ss, ok := u.store.(sweepSource); ok {
+		return ss.sweepers()
+	}
+	return nil
+}
+
 func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
-	b, err := u.store.get(ctx, key)
+	envs, err := u.getMany(ctx, []string{key})
+	if len(envs) == 1 {
+		return envs[0], err
+	}
+	return nil, err
+}
+
+// getMany reads the current version; the keys it misses are looked up at
+// each older version in turn, one batch per version, upgraded, served and
+// copied to the current version.
+//
+// The current version's copy fences are armed before an older version is
+// read: a Delete after that read deletes the fence with the current entry
+// (and the older ones), and the upgrade's copy, fenced, is dropped instead
+// of bringing the deleted value back at the current version. Without a
+// fence (arming failed) nothing is copied; the upgraded value is still
+// served.
+func (u *upgradingStore) getMany(ctx context.Context, keys []string) ([][]byte, error) {
+	out, err := u.store.getMany(ctx, keys)
+	if err != nil {
+		return out, err
+	}
 	now := u.now()
-	if err != nil || usable(b, now) {
-		return b, err
+	var left []int
+	for i, b := range out {
+		if !envelope.Usable(b, now) {
+			left = append(left, i)
+		}
 	}
-	// Arm the current version's copy fence before reading an older
-	// version: a Delete after that read deletes the fence with the
-	// current entry (and the older ones), and the upgrade's copy, fenced,
-	// is dropped instead of bringing the deleted value back at the
-	// current version. Without a fence (arming failed) nothing is
-	// copied; the upgraded value is still served.
-	fc, _ := u.store.(fencedCopier)
+	if len(left) == 0 {
+		return out, nil
+	}
 	fence := newLeaseToken()
-	if fc != nil {
-		if err := fc.arm(ctx, key, fence); err != nil {
-			if ctx.Err() == nil {
-				u.stats.redisErrors.Add(1)
-			}
-			fc = nil
+	if err := u.store.armMany(ctx, pick(keys, left), fence); err != nil {
+		if ctx.Err() == nil {
+			u.rec.inc(evRedisError)
 		}
+		fence = ""
 	}
+	var copies []writeOp
 	for _, o := range u.olds {
-		ob, err := o.st.get(ctx, key)
-		if err != nil || ob == nil {
-			continue
+		if len(left) == 0 {
+			break
 		}
-		h, payload, err := envelope.Decode(ob)
-		if err != nil || h.ExpiresAt <= now {
-			continue
-		}
-		if !h.Negative() {
-			if payload, err = o.convert(payload); err != nil {
-				u.stats.upgradeErrors.Add(1)
-				u.logs.log(ctx, u.log, slog.LevelWarn, "layercache: cannot upgrade a value from an older version; treating it as a miss",
-					slog.String("key", key), slog.String("from", o.version), slog.Any("err", err))
+		found, _ := o.st.getMany(ctx, pick(keys, left)) // a version that cannot be read is skipped
+		var still []int
+		for j, i := range left {
+			env, ttl, ok := u.upgrade(ctx, o, keys[i], found, j, now)
+			if !ok {
+				still = append(still, i)
 				continue
 			}
+			out[i] = env
+			u.rec.inc(evUpgrade)
+			if fence != "" {
+				copies = append(copies, writeOp{key: keys[i], env: env, ttl: ttl, w: writeOpts{copy: true, fence: fence}})
+			}
+		}
+		left = still
+	}
+	if len(copies) > 0 {
+		if _, err := u.store.writeMany(ctx, copies); err != nil && ctx.Err() == nil {
+			u.rec.inc(evRedisError)
+		}
+	}
+	return out, nil
+}
+
+// upgrade turns found[j], key's envelope at the older version o, into an
+// envelope at the current version, or reports false when there is none to
+// serve: absent, expired, not convertible, or failing validation.
+func (u *upgradingStore) upgrade(ctx context.Context, o oldVersion, key string, found [][]byte, j int, now int64) ([]byte, time.Duration, bool) {
+	if j >= len(found) || found[j] == nil {
+		return nil, 0, false
+	}
+	h, payload, err := envelope.Decode(found[j])
+	if err != nil || h.ExpiresAt <= now {
+		return nil, 0, false
+	}
+	if !h.Negative() {
+		if payload, err = o.convert(payload); err != nil {
+			u.rec.inc(evUpgradeError)
+			u.logs.log(ctx, u.log, slog.LevelWarn, "layercache: cannot upgrade a value from an older version; treating it as a miss",
+				slog.String("key", key), slog.String("from", o.version), slog.Any("err", err))
+			return nil, 0, false
 		}
 		// Validate before writing: a value that fails is a miss, and
 		// must not be persisted at the current version either.
-		if !h.Negative() && u.validate != nil && !u.validate(ctx, key, payload) {
+		if u.validate != nil && !u.validate(ctx, key, payload) {
+			return nil, 0, false
+		}
+	}
+	// Same header: the same absolute expiry, and the old write version,
+	// so that a write made at the current version meanwhile (proposed
+	// past the older versions', see write) is newer and wins over this
+	// copy.
+	return envelope.Encode(h, payload), time.Duration(h.ExpiresAt-now) * time.Millisecond, true
+}
+
+// pick returns keys[i] for each i in idx.
+func pick(keys []string, idx []int) []string {
+	out := make([]string, len(idx))
+	for j, i := range idx {
+		out[j] = keys[i]
+	}
+	return out
+}
+
+// write passes copies and fills through. A fresh write (Set, a fill
+// without a lease) proposes env's version past what the older versions
+// hold for key (one round trip per older version), then writes and drops
+// the older copies. Without the raise, a writer whose clock is behind
+// would write a version below an older version's value, and an upgrade
+// that read that value just before the write would copy it over the
+// write, set-if-newer. A fill under a lease needs neither: it follows a
+// miss at every version.
+func (u *upgradingStore) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
+	if w.copy || w.lease != "" {
+		return u.store.write(ctx, key, env, ttl, w)
+	}
+	env, err := u.proposePastOlds(ctx, key, env)
+	if err != nil {
+		return writeResult{}, err
+	}
+	r, err := u.store.write(ctx, key, env, ttl, w)
+	if err != nil {
+		return r, err
+	}
+	return r, u.dropOld(ctx, []string{key})
+}
+
+// writeMany passes copies through in one batch and applies the other
+// writes one by one (see write).
+func (u *upgradingStore) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error) {
+	out := make([]writeResult, len(ops))
+	var copies []writeOp
+	var idx []int
+	var errs []error
+	for i, op := range ops {
+		if op.w.copy {
+			copies, idx = append(copies, op), append(idx, i)
 			continue
 		}
-		// Same header: the same absolute expiry, and the old write
-		// version, so that a write made at the current version meanwhile
-		// (proposed past the older versions', see set) is newer and wins
-		// over this copy.
-		env := envelope.Encode(h, payload)
-		ttl := time.Duration(h.ExpiresAt-now) * time.Millisecond
-		if fc != nil {
-			if _, _, werr := fc.copyFenced(ctx, key, fence, env, ttl); werr != nil && ctx.Err() == nil {
-				u.stats.redisErrors.Add(1)
+		r, err := u.write(ctx, op.key, op.env, op.ttl, op.w)
+		out[i], errs = r, append(errs, err)
+	}
+	if len(copies) > 0 {
+		res, err := u.store.writeMany(ctx, copies)
+		for j, i := range idx {
+			if j < len(res) {
+				out[i] = res[j]
 			}
 		}
-		u.stats.upgrades.Add(1)
-		return env, nil
+		errs = append(errs, err)
 	}
-	return b, nil
-}
-
-// set proposes env's version past what the older versions hold for key
-// (one round trip per older version), then writes and drops the older
-// copies. Without the raise, a writer whose clock is behind would write a
-// version below an older version's value, and an upgrade that read that
-// value just before the write would copy it over the write, set-if-newer.
-func (u *upgradingStore) set(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	env, err := u.proposePastOlds(ctx, key, env)
-	if err != nil {
-		return err
-	}
-	if err := u.store.set(ctx, key, env, ttl); err != nil {
-		return err
-	}
-	return u.dropOld(ctx, []string{key})
-}
-
-// setBreakingLease is set when leases are in use.
-func (u *upgradingStore) setBreakingLease(ctx context.Context, key string, env []byte, ttl time.Duration) error {
-	env, err := u.proposePastOlds(ctx, key, env)
-	if err != nil {
-		return err
-	}
-	if err := u.store.setBreakingLease(ctx, key, env, ttl); err != nil {
-		return err
-	}
-	return u.dropOld(ctx, []string{key})
+	return out, errors.Join(errs...)
 }
 
 // proposePastOlds raises env's proposed version past every older
 // version's copy of key.
 func (u *upgradingStore) proposePastOlds(ctx context.Context, key string, env []byte) ([]byte, error) {
 	for _, o := range u.olds {
-		v, err := storeVersion(ctx, o.st, key)
+		v, err := o.st.version(ctx, key)
 		if err != nil {
 			return nil, fmt.Errorf("read version at older version %s: %w", o.version, err)
 		}
-		env = proposePast(env, v)
+		env = envelope.ProposePast(env, v)
 	}
 	return env, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -16,8 +15,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/layercache/layercache/internal/envelope"
 )
 
 // ---- write versions ----
@@ -51,23 +48,6 @@ func (w *writeClock) next() uint64 {
 			return c<<16 | w.writer
 		}
 	}
-}
-
-// withWriteVersion returns a copy of env whose write version is v.
-func withWriteVersion(env []byte, v uint64) []byte {
-	out := append([]byte(nil), env...)
-	binary.BigEndian.PutUint64(out[32:40], v)
-	return out
-}
-
-// usable reports whether b is an envelope that has not reached its
-// physical end (ExpiresAt) at now. Fresh-or-stale is the read path's call.
-func usable(b []byte, now int64) bool {
-	if b == nil {
-		return false
-	}
-	h, _, err := envelope.Decode(b)
-	return err == nil && now < h.ExpiresAt
 }
 
 // ---- upgrade on read ----
@@ -177,7 +157,7 @@ func (c *Cache[T]) valid(ctx context.Context, key string, v T) bool {
 	}
 	for _, fn := range c.vals.fns {
 		if err := callValidator(fn, v); err != nil {
-			c.stats.validationFailures.Add(1)
+			c.rec.inc(evValidationFailure)
 			c.vals.mu.Lock()
 			_, seen := c.vals.logged[key]
 			first := !seen && len(c.vals.logged) < maxLoggedInvalid

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/layercache/layercache/internal/envelope"
 	"github.com/layercache/layercache/internal/redistest"
 )
 
@@ -19,12 +20,12 @@ func TestUpgradeCopyAfterDeleteIsDropped(t *testing.T) {
 		now := func() int64 { return time.Now().UnixMilli() }
 		cur := newLayoutStore(client, newKeyspace(ns, "v2"), KeyPerEntry(), now, time.Minute)
 		old := newLayoutStore(client, newKeyspace(ns, "v1"), KeyPerEntry(), now, time.Minute)
-		if err := old.set(ctx, "k", testEnv(uint64(now())<<16|1, `"v1"`), time.Minute); err != nil {
+		if _, err := old.write(ctx, "k", testEnv(uint64(now())<<16|1, `"v1"`), time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
-		var c counters
+		var c recorder
 		h := &hookSide{layoutStore: cur}
-		u := &upgradingStore{store: h, now: now, stats: &c, logs: &throttledLog{},
+		u := &upgradingStore{store: h, now: now, rec: &c, logs: &throttledLog{},
 			olds: []oldVersion{{version: "v1", st: old, convert: func(p []byte) ([]byte, error) { return p, nil }}}}
 		h.before = func() {
 			if err := u.del(ctx, []string{"k"}); err != nil {
@@ -52,22 +53,22 @@ func TestUpgradeSetRaisesVersionAndValidatesBeforeWrite(t *testing.T) {
 		cur := newLayoutStore(client, newKeyspace(ns, "v2"), KeyPerEntry(), now, time.Minute)
 		old := newLayoutStore(client, newKeyspace(ns, "v1"), KeyPerEntry(), now, time.Minute)
 		ahead := uint64(time.Now().Add(time.Hour).UnixMilli())<<16 | 1
-		if err := old.set(ctx, "k", testEnv(ahead, "old"), time.Minute); err != nil {
+		if _, err := old.write(ctx, "k", testEnv(ahead, "old"), time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
-		var c counters
-		u := &upgradingStore{store: cur, now: now, stats: &c, logs: &throttledLog{},
+		var c recorder
+		u := &upgradingStore{store: cur, now: now, rec: &c, logs: &throttledLog{},
 			olds: []oldVersion{{version: "v1", st: old, convert: func(p []byte) ([]byte, error) { return p, nil }}}}
 		behind := uint64(now())<<16 | 2
-		if err := u.set(ctx, "k", testEnv(behind, "new"), time.Minute); err != nil {
+		if _, err := u.write(ctx, "k", testEnv(behind, "new"), time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
 		b, err := cur.get(ctx, "k")
-		if err != nil || headerVersion(b) <= ahead {
-			t.Fatalf("Set stored version %x, want past the older version's %x (%v)", headerVersion(b), ahead, err)
+		if err != nil || envelope.WriteVersion(b) <= ahead {
+			t.Fatalf("Set stored version %x, want past the older version's %x (%v)", envelope.WriteVersion(b), ahead, err)
 		}
 
-		if err := old.set(ctx, "bad", testEnv(ahead, "bad"), time.Minute); err != nil {
+		if _, err := old.write(ctx, "bad", testEnv(ahead, "bad"), time.Minute, writeOpts{}); err != nil {
 			t.Fatal(err)
 		}
 		u.validate = func(context.Context, string, []byte) bool { return false }

@@ -129,3 +129,55 @@ func Decode(b []byte) (Header, []byte, error) {
 // IsEnvelope reports whether b starts like an envelope. It is a cheap
 // pre-check; Decode is the real test.
 func IsEnvelope(b []byte) bool { return len(b) >= HeaderSize && b[0] == Magic }
+
+// Offsets of the header fields that the Lua scripts read and write in
+// place (internal/scripts builds its library from them), 0-based.
+const (
+	// FlagsOffset is the offset of the flags byte.
+	FlagsOffset = 2
+	// ExpiresAtOffset is the offset of the 8-byte expires-at time.
+	ExpiresAtOffset = 20
+	// VersionOffset is the offset of the 8-byte write version.
+	VersionOffset = 32
+)
+
+// WriteVersion returns the write version of b, an envelope or at least its
+// first HeaderSize bytes, or 0 when b does not start like an envelope of
+// this format version.
+func WriteVersion(b []byte) uint64 {
+	if len(b) < HeaderSize || b[0] != Magic || b[1] != Version {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b[VersionOffset:])
+}
+
+// WithWriteVersion returns a copy of env whose write version is v. env
+// must be an envelope (at least HeaderSize bytes).
+func WithWriteVersion(env []byte, v uint64) []byte {
+	out := append([]byte(nil), env...)
+	binary.BigEndian.PutUint64(out[VersionOffset:], v)
+	return out
+}
+
+// Usable reports whether b is an envelope that has not reached its
+// physical end (ExpiresAt) at now, Unix ms. Whether it is fresh or stale
+// is the reader's call.
+func Usable(b []byte, now int64) bool {
+	if b == nil {
+		return false
+	}
+	h, _, err := Decode(b)
+	return err == nil && now < h.ExpiresAt
+}
+
+// ProposePast returns env with its proposed write version raised, if
+// needed, to one counter step past other, keeping env's writer id (the
+// low 16 bits). A write version is a 48-bit counter (Unix ms when the
+// write was proposed) and a 16-bit writer id.
+func ProposePast(env []byte, other uint64) []byte {
+	p := WriteVersion(env)
+	if other>>16 < p>>16 {
+		return env
+	}
+	return WithWriteVersion(env, (other>>16+1)<<16|p&0xffff)
+}

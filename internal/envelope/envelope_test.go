@@ -81,3 +81,34 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestHeaderHelpers(t *testing.T) {
+	h := Header{WrittenAt: 1, FreshUntil: 2, ExpiresAt: 3, WriteVersion: 5<<16 | 7}
+	env := Encode(h, []byte("x"))
+	if got := WriteVersion(env); got != h.WriteVersion {
+		t.Fatalf("WriteVersion = %x, want %x", got, h.WriteVersion)
+	}
+	if got := WriteVersion(env[:HeaderSize-1]); got != 0 {
+		t.Fatalf("WriteVersion of a short header = %x, want 0", got)
+	}
+	if got := WriteVersion([]byte("legacy value that is long enough to be a header!")); got != 0 {
+		t.Fatalf("WriteVersion of a legacy value = %x, want 0", got)
+	}
+	v2 := WithWriteVersion(env, 9)
+	if WriteVersion(v2) != 9 || WriteVersion(env) != h.WriteVersion {
+		t.Fatal("WithWriteVersion must copy, not change its input")
+	}
+	if !Usable(env, 2) || Usable(env, 3) || Usable(nil, 0) || Usable([]byte("x"), 0) {
+		t.Fatal("Usable is true before ExpiresAt only, for envelopes only")
+	}
+	// ProposePast keeps the writer id and moves the counter past other's.
+	if got := WriteVersion(ProposePast(env, 4<<16|9)); got != h.WriteVersion {
+		t.Fatalf("ProposePast past an older counter changed the version to %x", got)
+	}
+	if got := WriteVersion(ProposePast(env, 5<<16|9)); got != 6<<16|7 {
+		t.Fatalf("ProposePast past an equal counter = %x, want %x", got, 6<<16|7)
+	}
+	if got := WriteVersion(ProposePast(env, 8<<16|1)); got != 9<<16|7 {
+		t.Fatalf("ProposePast past a newer counter = %x, want %x", got, 9<<16|7)
+	}
+}
