@@ -40,6 +40,7 @@ type Cache[T any] struct {
 	local *localTier[T]
 	bus   *Bus
 	route string
+	tier  busTier // the cache as its bus sees it
 
 	// Throttled logs of events that, when they happen, happen to every
 	// request: a Redis outage, a keyspace full of undecodable values.
@@ -136,14 +137,24 @@ type entry[T any] struct {
 }
 
 // Fetch returns the value of key, calling load on a miss and caching what it
-// returns. Concurrent Fetches of one key in this process share one load; the
-// load runs detached from ctx (bounded by [WithLoadTimeout]), so a caller
-// that gives up returns ctx.Err() without failing the others.
+// returns. Concurrent Fetches of one key in this process share one Redis
+// read and, on a miss, one load; the load runs detached from ctx (bounded
+// by [WithLoadTimeout]), so a caller that gives up returns ctx.Err()
+// without failing the others. A value this process loads enters its local
+// tier ([WithLocal]) at once.
 //
 // A load returning an error wrapping [ErrNotFound] is cached as a negative
 // entry (see [WithNegativeTTL]) and returned as is. Other load errors are
 // returned and nothing is cached. A Redis failure never fails a Fetch: the
 // value is loaded and returned, and the failure counted and logged.
+//
+// A Fetch that starts after a write's invalidation reached this process (a
+// Set or Delete made here, a message on the [WithInvalidation] bus, or,
+// with [WithLocks], the lease that write broke) never joins a read or load
+// that began before it. Without a bus or leases, news of a write made by
+// another process reaches this one only through Redis: a Fetch may join a
+// load that was running when the write happened, and return its value,
+// for as long as that load runs (at most [WithLoadTimeout]).
 func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.Context) (T, error)) (T, error) {
 	var zero T
 	if load == nil {
@@ -160,23 +171,62 @@ func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.
 			return le.val, nil
 		}
 	}
-	e, err := c.read(ctx, key)
-	if err != nil && ctx.Err() != nil {
+	return c.fetch(ctx, key, load)
+}
+
+// fetch is Fetch past the local tier. The first caller of a key leads a
+// flight: it reads Redis itself (no goroutine hop on a hit) and, on a
+// miss, starts the shared load; callers arriving meanwhile wait for the
+// flight instead of reading Redis again, so a cold stampede costs one GET
+// and one load per process.
+func (c *Cache[T]) fetch(ctx context.Context, key string, load func(context.Context) (T, error)) (T, error) {
+	var zero T
+	f, leader, ok := c.flights.join(key)
+	if !ok {
+		return zero, ErrClosed
+	}
+	if !leader {
+		c.rec.inc(evCoalesced)
+		return c.await(ctx, f)
+	}
+	f.tok = c.local.begin(key) // before the Redis read: see localTier
+	e, err := c.read(ctx, key, f.tok)
+	if err != nil && ctx.Err() != nil && c.flights.abandon(key, f) {
 		return zero, ctx.Err()
 	}
 	switch e.state {
 	case stateFresh:
+		f.val = e.val
+		c.flights.finish(key, f)
 		if c.cfg.earlyBeta > 0 {
 			c.maybeRefreshEarly(ctx, key, &e, load) // refresh.go
 		}
 		return e.val, nil
 	case stateNegative:
+		f.err = ErrNotFound
+		c.flights.finish(key, f)
 		return zero, ErrNotFound
 	case stateStale:
+		f.val = e.val
+		c.flights.finish(key, f)
 		c.serveStale(ctx, key, e.now, load) // refresh.go
 		return e.val, nil
 	}
-	return c.loadShared(ctx, key, load)
+	// A miss (or a failed read: load anyway). The load outlives this
+	// caller if it gives up (see detach).
+	go c.runLoad(ctx, key, f, load)
+	return c.await(ctx, f)
+}
+
+// await waits for f's result, or for ctx, whichever comes first.
+func (c *Cache[T]) await(ctx context.Context, f *flight[T]) (T, error) {
+	select {
+	case <-f.done:
+		return f.val, f.err
+	case <-ctx.Done():
+		var zero T
+		return zero, ctx.Err()
+	}
 }
 
 // Get returns the cached value of key without loading. It returns an error
@@ -196,7 +246,7 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 			return le.val, nil
 		}
 	}
-	e, err := c.read(ctx, key)
+	e, err := c.read(ctx, key, c.local.begin(key))
 	if err != nil {
 		return zero, fmt.Errorf("layercache: get %q: %w", key, err)
 	}
@@ -235,11 +285,11 @@ func (c *Cache[T]) Close() error {
 }
 
 // read fetches and decodes key from Redis, and keeps a fresh value (or "not
-// found") in the local tier. An error is a Redis failure; everything else
-// (absent, expired, corrupt) is a miss with a nil error. Callers look in
-// the local tier first.
-func (c *Cache[T]) read(ctx context.Context, key string) (entry[T], error) {
-	tok := c.local.begin(key) // before the Redis read: see localTier
+// found") in the local tier unless an invalidation came since tok was
+// taken (before the read: see localTier). An error is a Redis failure;
+// everything else (absent, expired, corrupt) is a miss with a nil error.
+// Callers look in the local tier first.
+func (c *Cache[T]) read(ctx context.Context, key string, tok fillToken) (entry[T], error) {
 	var e entry[T]
 	raw, err := c.store.get(ctx, key)
 	if err != nil {
@@ -312,42 +362,37 @@ func (c *Cache[T]) decodeFailed(ctx context.Context, key string, err error) {
 		slog.String("key", key), slog.Any("err", err))
 }
 
-// loadShared runs load once per key in this process and waits for it, or for
-// ctx, whichever comes first.
-func (c *Cache[T]) loadShared(ctx context.Context, key string, load func(context.Context) (T, error)) (T, error) {
-	var zero T
-	f, leader, ok := c.flights.join(key)
-	if !ok {
-		return zero, ErrClosed
-	}
-	if leader {
-		// The load outlives this caller if it gives up (see detach).
-		go c.runLoad(ctx, key, f, load)
-	} else {
-		c.rec.inc(evCoalesced)
-	}
-	select {
-	case <-f.done:
-		return f.val, f.err
-	case <-ctx.Done():
-		return zero, ctx.Err()
-	}
-}
-
-// runLoad is the body of a shared load. The value is written to Redis
-// before waiters are released, so a caller that got it from Fetch reads it
-// back with Get (read-your-writes within the process), and the flight leaves
-// the group before they are released, so no later caller can join a
-// finished flight and get a value that may since have expired.
+// runLoad is the body of a shared load, on its own goroutine. The value
+// is written to Redis before waiters are released, so a caller that got it
+// from Fetch reads it back with Get (read-your-writes within the process),
+// and the flight leaves the group before they are released, so no later
+// caller can join a finished flight and get a value that may since have
+// expired.
 func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
-	// finish takes the flight out of the group, then releases its callers.
-	defer c.flights.finish(key, f)
+	returned := false
+	defer func() {
+		if !returned {
+			// The loader called runtime.Goexit (t.FailNow in a test, say):
+			// its callers must not take the zero value for a success.
+			var zero T
+			f.val, f.err = zero, ErrLoaderGoexit
+			c.rec.inc(evLoadError)
+		}
+		// finish takes the flight out of the group, then releases its
+		// callers.
+		c.flights.finish(key, f)
+	}()
 	ctx, cancel := c.detach(ctx)
 	defer cancel()
+	c.loadFlight(ctx, key, f, load)
+	returned = true
+}
 
+// loadFlight loads f's value and caches it.
+func (c *Cache[T]) loadFlight(ctx context.Context, key string, f *flight[T], load func(context.Context) (T, error)) {
 	if c.cfg.lockTTL > 0 {
 		// One load per key across processes: lease.go.
-		f.val, f.err = c.loadLeased(ctx, key, load, &f.stale)
+		f.val, f.err = c.loadLeased(ctx, key, load, f)
 		return
 	}
 	var took time.Duration
@@ -361,14 +406,35 @@ func (c *Cache[T]) runLoad(ctx context.Context, key string, f *flight[T], load f
 	f.fill.Lock()
 	defer f.fill.Unlock()
 	if f.stale.Load() {
-		// A Set or Delete overtook this load; its value may be older.
+		// A write or invalidation overtook this load; its value may be
+		// older.
 		c.rec.inc(evSkippedWrite)
 		return
 	}
-	if err := c.write(ctx, key, f.val, took, f.err != nil, writeOpts{}); err != nil && !errors.Is(err, ErrValueTooLarge) && ctx.Err() == nil {
-		c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
-			slog.String("key", key), slog.Any("err", err))
+	hdr, err := c.write(ctx, key, f.val, took, f.err != nil, writeOpts{})
+	if err != nil {
+		if !errors.Is(err, ErrValueTooLarge) && ctx.Err() == nil {
+			c.logWriteFailed.log(ctx, c.log, slog.LevelWarn, "layercache: caching a loaded value failed",
+				slog.String("key", key), slog.Any("err", err))
+		}
+		return
 	}
+	c.keepLoaded(key, f.tok, f.val, hdr)
+}
+
+// keepLoaded puts a value this process loaded and wrote, with the header
+// it was written with, in the local tier, unless an invalidation came
+// since tok was taken.
+func (c *Cache[T]) keepLoaded(key string, tok fillToken, val T, hdr envelope.Header) {
+	if c.local == nil {
+		return
+	}
+	e := entry[T]{state: stateFresh, val: val, hdr: hdr}
+	if hdr.Negative() {
+		var zero T
+		e.state, e.val = stateNegative, zero
+	}
+	c.local.put(key, tok, &e)
 }
 
 // detach returns a context for work that outlives its caller (a shared

@@ -54,6 +54,19 @@ func (e *PanicError) Error() string {
 // Is makes errors.Is(err, ErrLoaderPanic) true.
 func (e *PanicError) Is(target error) bool { return target == ErrLoaderPanic }
 
+// Unwrap returns the panic value when it is an error (panic(err)), so that
+// errors.Is and errors.As see through the panic to it; nil otherwise.
+func (e *PanicError) Unwrap() error {
+	err, _ := e.Value.(error)
+	return err
+}
+
+// ErrLoaderGoexit is what every caller sharing a load receives when the
+// loader called runtime.Goexit (as t.FailNow does in a test) instead of
+// returning: the load has no result, and a zero value with a nil error
+// would pass for one. Nothing is cached.
+var ErrLoaderGoexit = errors.New("layercache: loader called runtime.Goexit instead of returning")
+
 // errUnencodable marks errors of values that cannot be cached at all (codec
 // failure, size limit), as opposed to Redis failures. It adds nothing to
 // the message.

@@ -69,9 +69,8 @@ func (c *Cache[T]) leaseTTL() time.Duration {
 }
 
 // loadLeased is the body of a shared load under WithLocks: take the lease
-// and load, or wait for the holder's fill. stale is the flight's
-// invalidation flag (a Set or Delete in this process).
-func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context.Context) (T, error), stale *atomic.Bool) (T, error) {
+// and load, or wait for the holder's fill. f is the flight it loads for.
+func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context.Context) (T, error), f *flight[T]) (T, error) {
 	var (
 		zero     T
 		w        *noticeWatch
@@ -109,17 +108,20 @@ func (c *Cache[T]) loadLeased(ctx context.Context, key string, load func(context
 				}
 				if e.state == stateStale {
 					c.rec.inc(evStaleHit)
+				} else {
+					c.local.put(key, f.tok, &e)
 				}
 				return e.val, nil
 			case e.state == stateNegative:
 				if att.acquired {
 					c.releaseLease(ctx, key, token)
 				}
+				c.local.put(key, f.tok, &e)
 				return zero, ErrNotFound
 			}
 		}
 		if att.acquired {
-			return c.loadUnderLease(ctx, key, token, ttl, load, stale)
+			return c.loadUnderLease(ctx, key, token, ttl, load, f.tok, f)
 		}
 
 		now := c.cfg.clock.Now()
@@ -164,10 +166,12 @@ func waitDelay(heldFor time.Duration, confirmed bool, left time.Duration) time.D
 }
 
 // loadUnderLease runs load while token holds key's lease, renewing it, then
-// caches the outcome under the lease, which the fill releases. It returns
-// what load returned, whether or not it could be cached. stale, if not nil,
-// is set when a write in this process overtook the load.
-func (c *Cache[T]) loadUnderLease(ctx context.Context, key, token string, ttl time.Duration, load func(context.Context) (T, error), stale *atomic.Bool) (T, error) {
+// caches the outcome under the lease, which the fill releases, and in the
+// local tier unless an invalidation came since tok was taken. It returns
+// what load returned, whether or not it could be cached. f, the flight the
+// load is for (nil for a background refresh), is detached the moment the
+// lease is found lost: news that a write broke it.
+func (c *Cache[T]) loadUnderLease(ctx context.Context, key, token string, ttl time.Duration, load func(context.Context) (T, error), tok fillToken, f *flight[T]) (T, error) {
 	c.rec.inc(evLeaseAcquired)
 	filled := false
 	defer func() {
@@ -178,23 +182,26 @@ func (c *Cache[T]) loadUnderLease(ctx context.Context, key, token string, ttl ti
 		}
 	}()
 
-	keeper := c.keepLease(ctx, key, token, ttl)
+	keeper := c.keepLease(ctx, key, token, ttl, f)
 	val, took, err := c.timedLoad(ctx, key, load)
 	lost := keeper.end()
 
 	if !c.cacheable(err) {
 		return val, err
 	}
-	if stale != nil && stale.Load() {
-		// A Set or Delete here overtook the load (and broke the lease).
+	if f != nil && f.stale.Load() {
+		// A write or invalidation overtook the load (and broke the lease).
 		c.rec.inc(evSkippedWrite)
 		return val, err
 	}
 	negative := err != nil
-	switch werr := c.write(ctx, key, val, took, negative, writeOpts{lease: token}); {
+	hdr, werr := c.write(ctx, key, val, took, negative, writeOpts{lease: token})
+	switch {
 	case werr == nil:
 		filled = true // the script released the lease
+		c.keepLoaded(key, tok, val, hdr)
 	case errors.Is(werr, errLeaseLost):
+		c.lostFlight(key, f)
 		// The fill script found another token, or none: the value may
 		// predate a write that broke the lease. The script released
 		// nothing of ours and woke waiters if the lease is free.
@@ -227,16 +234,36 @@ func (c *Cache[T]) releaseLease(ctx context.Context, key, token string) {
 
 // leaseKeeper renews a lease while a load runs.
 type leaseKeeper struct {
-	stop chan struct{}
-	done chan struct{}
-	lost atomic.Bool
+	stop    chan struct{}
+	done    chan struct{}
+	lost    atomic.Bool
+	watch   *noticeWatch // the key's notices, when there is a flight to detach
+	unwatch func(*noticeWatch)
+}
+
+// lostFlight detaches f, whose lease was lost: the write that broke it
+// reached this process, and later callers must not join a load that began
+// before it.
+func (c *Cache[T]) lostFlight(key string, f *flight[T]) {
+	if f != nil {
+		c.flights.detachFlight(key, f)
+	}
 }
 
 // keepLease renews token's lease on key every third of ttl until end is
-// called. A renewal that finds the lease gone stops renewing: the lease
-// cannot come back, and the fill will refuse to write.
-func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Duration) *leaseKeeper {
+// called, and at once on any notice on the key's channel, which, while
+// this process holds the lease, means someone broke it (a Set or Delete).
+// A renewal that finds the lease gone stops renewing, the lease cannot
+// come back and the fill will refuse to write, and detaches f (when not
+// nil), so that no caller who starts after the write joins this load.
+func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Duration, f *flight[T]) *leaseKeeper {
 	k := &leaseKeeper{stop: make(chan struct{}), done: make(chan struct{})}
+	var wake <-chan struct{}
+	if c.notices != nil && f != nil {
+		k.watch = c.notices.watch(c.store.noticeChannel(key))
+		k.unwatch = c.notices.unwatch
+		wake = k.watch.wake
+	}
 	go func() {
 		defer close(k.done)
 		tick, stop := c.cfg.clock.NewTicker(max(ttl/3, time.Millisecond))
@@ -248,6 +275,8 @@ func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Du
 			case <-ctx.Done():
 				return
 			case <-tick:
+			case <-wake:
+				// A notice, or the subscription's confirmation: look.
 			}
 			ok, err := c.store.renewLease(ctx, key, token, ttl)
 			if err != nil {
@@ -260,6 +289,7 @@ func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Du
 			}
 			if !ok {
 				k.lost.Store(true)
+				c.lostFlight(key, f)
 				c.log.LogAttrs(ctx, slog.LevelWarn, "layercache: lease lost while loading (expired, or broken by a write); the value will be returned but not cached",
 					slog.String("key", key))
 				return
@@ -273,5 +303,8 @@ func (c *Cache[T]) keepLease(ctx context.Context, key, token string, ttl time.Du
 func (k *leaseKeeper) end() bool {
 	close(k.stop)
 	<-k.done
+	if k.watch != nil {
+		k.unwatch(k.watch)
+	}
 	return k.lost.Load()
 }

@@ -227,8 +227,8 @@ func (l *localTier[T]) flush() {
 	l.stats.inc(evLocalFlush)
 }
 
-// The methods below make localTier a busTier: the bus calls them for
-// messages from other nodes and for its connection state.
+// The methods below serve cacheTier: the bus calls it for messages from
+// other nodes and for its connection state.
 
 func (l *localTier[T]) remoteInvalidate(keys []string) {
 	l.stats.add(evInvalidationReceived, uint64(len(keys)))
@@ -319,13 +319,53 @@ func (c *Cache[T]) initTiers() error {
 	return nil
 }
 
-// busTier returns the local tier as the bus sees it: a nil interface, not
-// a typed nil, when there is none.
+// busTier returns the cache as its bus sees it (made once: the bus tells
+// its tiers apart by identity).
 func (c *Cache[T]) busTier() busTier {
-	if c.local == nil {
-		return nil
+	if c.tier == nil {
+		c.tier = &cacheTier[T]{c: c}
 	}
-	return c.local
+	return c.tier
+}
+
+// cacheTier is a Cache as its bus sees it: news of writes made elsewhere
+// drop keys from the local tier and detach the flights (reads and loads)
+// that began before them, so that no Fetch that starts after the news
+// joins one (see Cache.Fetch).
+type cacheTier[T any] struct{ c *Cache[T] }
+
+// invalidate is a write by another cache of the same namespace and
+// version in this process.
+func (t *cacheTier[T]) invalidate(keys []string) {
+	if t.c.local != nil {
+		t.c.local.invalidate(keys)
+	}
+	for _, k := range keys {
+		t.c.flights.detach(k)
+	}
+}
+
+// remoteInvalidate is a message from another node.
+func (t *cacheTier[T]) remoteInvalidate(keys []string) {
+	if t.c.local != nil {
+		t.c.local.remoteInvalidate(keys)
+	}
+	for _, k := range keys {
+		t.c.flights.detach(k)
+	}
+}
+
+func (t *cacheTier[T]) flush() {
+	if t.c.local != nil {
+		t.c.local.flush()
+	}
+	t.c.flights.detachAll()
+}
+
+func (t *cacheTier[T]) setUp(up bool) {
+	if t.c.local != nil {
+		t.c.local.setUp(up)
+	}
 }
 
 // invalidate drops keys from this process's local tiers and tells the

@@ -86,6 +86,7 @@ func (c *Cache[T]) startRefresh(ctx context.Context, key string, load func(conte
 
 // runRefresh is the body of a background refresh.
 func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context.Context) (T, error)) {
+	tok := c.local.begin(key) // before the load: see localTier
 	token, ttl := newLeaseToken(), c.leaseTTL()
 	att, err := c.store.acquireLease(ctx, key, token, ttl, false)
 	if err != nil {
@@ -101,7 +102,7 @@ func (c *Cache[T]) runRefresh(ctx context.Context, key string, load func(context
 		c.rec.inc(evRefreshSkipped)
 		return
 	}
-	_, err = c.loadUnderLease(ctx, key, token, ttl, load, nil)
+	_, err = c.loadUnderLease(ctx, key, token, ttl, load, tok, nil)
 	if err == nil || errors.Is(err, ErrNotFound) {
 		c.refresh.clearBackoff(key)
 		return

@@ -5,32 +5,43 @@ import (
 	"sync/atomic"
 )
 
-// flight is one shared load of one key in this process.
+// flight is one shared read of one key in this process: the Redis read
+// and, on a miss, the load. Its callers all get what it found.
 type flight[T any] struct {
 	done chan struct{} // closed by finish, after val and err are set
 	val  T
 	err  error
-	// stale is set by a write or delete of the key while the load runs: the
-	// loaded value may predate that write, so it must not be cached. Callers
-	// already waiting still get it (they asked before the write).
+	// tok is the local tier's fill token, taken before the Redis read:
+	// what the flight reads or loads enters the local tier only if no
+	// invalidation of the key came since (see localTier).
+	tok fillToken
+	// stale is set by a write, delete or invalidation of the key while
+	// the flight runs: what it loaded may predate that write, so it must
+	// not be cached. Callers already waiting still get it (they asked
+	// before the write); later callers start a new flight.
 	stale atomic.Bool
-	// fill is held by the load from its last look at stale until its value
-	// is in Redis, and taken by invalidate to set stale. So a Set or Delete
-	// either voids the fill before it is written, or waits until it has
-	// landed and then writes or deletes after it: never the fill after.
+	// fill is held by an unleased load from its last look at stale until
+	// its value is in Redis, and taken by invalidate to set stale. So a
+	// Set or Delete in this process either voids the fill before it is
+	// written, or waits until it has landed and then writes or deletes
+	// after it: never the fill after.
 	fill sync.Mutex
+	// joined counts the callers that joined after the leader (under the
+	// group's lock).
+	joined int
 }
 
-// flightGroup coalesces concurrent loads of one key: the first caller starts
-// the load, later ones wait for the same result. Unlike x/sync/singleflight
-// it is typed (no boxing of T), keeps the flight joinable until its result
-// is in Redis (so a caller arriving in that window does not load again), and
+// flightGroup coalesces concurrent reads of one key: the first caller
+// starts the flight, later ones wait for its result. Unlike
+// x/sync/singleflight it is typed (no boxing of T), keeps the flight
+// joinable until its result is in Redis (so a caller arriving in that
+// window does not load again), lets a write detach a running flight, and
 // refuses new flights once the cache is closing.
 type flightGroup[T any] struct {
 	mu      sync.Mutex
 	m       map[string]*flight[T]
 	closing bool
-	wg      sync.WaitGroup // running loads; Close waits for them
+	wg      sync.WaitGroup // running flights; Close waits for them
 }
 
 // join returns the flight for key, starting one if none runs. leader is true
@@ -42,6 +53,7 @@ func (g *flightGroup[T]) join(key string) (f *flight[T], leader, ok bool) {
 		return nil, false, false
 	}
 	if f, found := g.m[key]; found {
+		f.joined++
 		return f, false, true
 	}
 	if g.m == nil {
@@ -53,7 +65,24 @@ func (g *flightGroup[T]) join(key string) (f *flight[T], leader, ok bool) {
 	return f, true, true
 }
 
-// finish removes f from the group, then releases its waiters. The order
+// abandon ends the flight of a leader that gave up before it started a
+// load, if nobody joined it; it reports whether it did (else the leader
+// must see the flight through for those who joined).
+func (g *flightGroup[T]) abandon(key string, f *flight[T]) bool {
+	g.mu.Lock()
+	alone := f.joined == 0
+	if alone && g.m[key] == f {
+		delete(g.m, key)
+	}
+	g.mu.Unlock()
+	if alone {
+		close(f.done)
+		g.wg.Done()
+	}
+	return alone
+}
+
+// finish removes f from the group, then releases its callers. The order
 // matters: a caller that joins after the result is stored must start a new
 // flight (and will find the value in Redis), never join a finished one.
 func (g *flightGroup[T]) finish(key string, f *flight[T]) {
@@ -66,21 +95,60 @@ func (g *flightGroup[T]) finish(key string, f *flight[T]) {
 	g.wg.Done()
 }
 
-// invalidate detaches the running flight of key, if any: later callers start
-// a new load, and the detached one will not write its value.
+// invalidate detaches the running flight of key after a write made in
+// this process: later callers start a new flight, and the detached one
+// will not write its value, or has written it before invalidate returns.
 func (g *flightGroup[T]) invalidate(key string) {
-	g.mu.Lock()
-	f, found := g.m[key]
-	if found {
-		delete(g.m, key)
-	}
-	g.mu.Unlock()
-	if found {
+	if f := g.remove(key); f != nil {
 		// Outside g.mu: a fill holds f.fill across a Redis round trip.
 		f.fill.Lock()
 		f.stale.Store(true)
 		f.fill.Unlock()
 	}
+}
+
+// detach detaches the running flight of key after news of a write made
+// elsewhere (an invalidation from the bus, a lease broken under a load):
+// later callers start a new flight, and the detached one will not cache
+// its value unless its fill is already on its way. It never blocks: the
+// bus's reader calls it.
+func (g *flightGroup[T]) detach(key string) {
+	if f := g.remove(key); f != nil {
+		f.stale.Store(true)
+	}
+}
+
+// detachFlight takes f out of the group, if it is still key's running
+// flight, so that later callers start a new one. It leaves f's fill alone:
+// it is for a load whose lease was lost, and the fill's token check already
+// refuses it (and wakes the lease's waiters).
+func (g *flightGroup[T]) detachFlight(key string, f *flight[T]) {
+	g.mu.Lock()
+	if g.m[key] == f {
+		delete(g.m, key)
+	}
+	g.mu.Unlock()
+}
+
+// detachAll takes every running flight out of the group, so that later
+// callers start new ones: a flush, after which anything may have changed
+// (invalidations may have been lost). It leaves their fills alone: a lost
+// message names no key, and voiding every fill on every reconnect would
+// only cost loads.
+func (g *flightGroup[T]) detachAll() {
+	g.mu.Lock()
+	g.m = nil
+	g.mu.Unlock()
+}
+
+func (g *flightGroup[T]) remove(key string) *flight[T] {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f, found := g.m[key]
+	if found {
+		delete(g.m, key)
+	}
+	return f
 }
 
 // close refuses new flights and waits for running ones to end.

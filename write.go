@@ -30,7 +30,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, value T) error {
 	// With leases in use, the write breaks the key's lease in the same
 	// script, so that a fill that started before this write, in any
 	// process, cannot land after it.
-	err := c.write(ctx, key, value, 0, false, writeOpts{breakLease: c.usesLeases()})
+	_, err := c.write(ctx, key, value, 0, false, writeOpts{breakLease: c.usesLeases()})
 	if errors.Is(err, errUnencodable) {
 		// The caller changed the source of truth; the old cached value
 		// is now wrong. Delete takes the lease too, fencing other fills.
@@ -73,25 +73,27 @@ func (c *Cache[T]) Delete(ctx context.Context, keys ...string) error {
 
 // write is the one write path of the cache: Set, and fills with or
 // without a lease, encode their value here and hand it to the store's one
-// write verb (see writeOpts). A fill under a lease that finds it lost
-// returns errLeaseLost; nothing was written.
-func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Duration, negative bool, w writeOpts) error {
+// write verb (see writeOpts). It returns the header written. A fill under
+// a lease that finds it lost returns errLeaseLost; nothing was written.
+func (c *Cache[T]) write(ctx context.Context, key string, value T, took time.Duration, negative bool, w writeOpts) (envelope.Header, error) {
 	env, ttl, err := c.encode(key, value, took, negative)
 	if err != nil {
-		return err
+		return envelope.Header{}, err
 	}
 	r, err := c.store.write(ctx, key, env, ttl, w)
 	if err != nil {
 		if ctx.Err() == nil {
 			c.rec.inc(evRedisError)
 		}
-		return fmt.Errorf("layercache: write %q: %w", key, err)
+		return envelope.Header{}, fmt.Errorf("layercache: write %q: %w", key, err)
 	}
 	if !r.written {
-		return errLeaseLost
+		return envelope.Header{}, errLeaseLost
 	}
 	c.countWrite(negative)
-	return nil
+	hdr, _, _ := envelope.Decode(env)
+	hdr.WriteVersion = r.version
+	return hdr, nil
 }
 
 // encode returns the envelope of value (or of a negative entry) for key and

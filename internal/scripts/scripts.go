@@ -83,8 +83,11 @@ var envelopeOffsets = strings.NewReplacer(
 	"$NEGATIVE", strconv.Itoa(int(envelope.FlagNegative)),
 )
 
-// Lib holds the envelope functions every script may use.
-var Lib = envelopeOffsets.Replace(`
+// lib holds every Lua function a script may use, in an order where each
+// comes after those it calls. A script gets only the ones its body needs
+// (see assemble): miniredis compiles a script's whole text on every call,
+// and Redis keeps each script's text in its script cache.
+var lib = envelopeOffsets.Replace(`
 local function isenv(s)
   return s and string.len(s) >= $HEADER and string.byte(s, 1) == $MAGIC and string.byte(s, 2) == $FORMAT
 end
@@ -117,13 +120,6 @@ local function expiresAt(s)
 end
 local function envversion(e) return string.sub(e, $VFROM, $VTO) end
 local function negative(e) return math.floor(string.byte(e, $FLAGS) / $NEGATIVE) % 2 == 1 end
-`)
-
-// keyLib is what every per-key script starts with: Lib, the common
-// arguments (see the package doc) and the layout-aware reads and writes of
-// one entry.
-var keyLib = Lib + envelopeOffsets.Replace(`
-local layout, field, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 -- native returns the bytes stored for the entry, false when absent.
 local function native()
   if layout == 'h' then return redis.call('HGET', KEYS[1], field) end
@@ -214,7 +210,60 @@ local function drop()
 end
 `)
 
-func script(body string) *redis.Script { return redis.NewScript(keyLib + body) }
+// keyArgs opens every per-key script: the common arguments (see the
+// package doc).
+const keyArgs = "\nlocal layout, field, now = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
+
+// script is a per-key script: the common arguments, the functions of lib
+// that body needs, and body.
+func script(body string) *redis.Script { return redis.NewScript(keyArgs + assemble(body)) }
+
+// luaFunc is one function of lib.
+type luaFunc struct{ name, text string }
+
+// libFuncs are lib's functions, in lib's order.
+var libFuncs = func() []luaFunc {
+	var code []string // lib without its comments, which stay in the Go source
+	for _, line := range strings.Split(lib, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(line), "--") {
+			code = append(code, line)
+		}
+	}
+	var out []luaFunc
+	for _, part := range strings.Split(strings.Join(code, "\n"), "\nlocal function ")[1:] {
+		name := part[:strings.IndexByte(part, '(')]
+		out = append(out, luaFunc{name: name, text: "\nlocal function " + strings.TrimRight(part, "\n") + "\n"})
+	}
+	return out
+}()
+
+// assemble returns the functions of lib that body calls, directly or
+// through each other, in lib's order, followed by body.
+func assemble(body string) string {
+	need := map[string]bool{}
+	for grew := true; grew; {
+		grew = false
+		text := body
+		for _, f := range libFuncs {
+			if need[f.name] {
+				text += f.text
+			}
+		}
+		for _, f := range libFuncs {
+			if !need[f.name] && strings.Contains(text, f.name+"(") {
+				need[f.name], grew = true, true
+			}
+		}
+	}
+	var b strings.Builder
+	for _, f := range libFuncs {
+		if need[f.name] {
+			b.WriteString(f.text)
+		}
+	}
+	b.WriteString(body)
+	return b.String()
+}
 
 // Acquire takes the lease if it is free, and reads the entry in the same
 // step when asked to.
@@ -414,7 +463,7 @@ return false
 // HashSweep deletes the listed fields that are still expired (or not
 // envelopes) when it runs, so a field rewritten since the HSCAN that
 // listed it survives. KEYS[1] shard hash; ARGV now ms, fields...
-var HashSweep = redis.NewScript(Lib + `
+var HashSweep = redis.NewScript(assemble(`
 local now = tonumber(ARGV[1])
 local n = 0
 for i = 2, #ARGV do
@@ -425,7 +474,7 @@ for i = 2, #ARGV do
   end
 end
 return n
-`)
+`))
 
 // SweepClaim lets one instance sweep a shard per interval. KEYS[1] claim
 // key; ARGV now ms, interval ms. Times are the cache's clock, not the
