@@ -294,6 +294,19 @@ func (r *reconciler) compare(ctx context.Context, side int, keys []string) error
 			return nil
 		}
 	}
+	// A repair copies a value read here: arm both sides' copy fences
+	// first, so that a Delete between the read and the repair, which
+	// deletes them, voids the copy instead of letting it write the
+	// deleted value into the emptied side ("expect absent" would pass).
+	var fence string
+	if r.opts.Repair {
+		fence = newLeaseToken()
+		for side := range r.sides {
+			if err := r.sides[side].armMany(ctx, keys, fence); err != nil {
+				return fmt.Errorf("layercache: reconcile: arm %s side: %w", sideName(side), err)
+			}
+		}
+	}
 	var recs [2][]record
 	var err error
 	if recs[sideOld], err = r.sides[sideOld].readMany(ctx, keys); err != nil {
@@ -353,7 +366,7 @@ func (r *reconciler) compare(ctx context.Context, side int, keys []string) error
 			continue
 		}
 		to := 1 - src
-		fixes[to] = append(fixes[to], casOp{key: k, expect: recs[to][i], env: recs[src][i].env, ttl: ttl})
+		fixes[to] = append(fixes[to], casOp{key: k, expect: recs[to][i], env: recs[src][i].env, ttl: ttl, fence: fence})
 	}
 	for side, ops := range fixes {
 		if len(ops) == 0 {

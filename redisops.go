@@ -71,27 +71,18 @@ func firstErr[C redis.Cmder](cmds []C) error {
 	return nil
 }
 
-// versionResult reads a Write reply: the stored version (8 bytes), or nil
-// when nothing was written.
-func versionResult(cmd *redis.Cmd) (writeResult, error) {
-	s, err := cmd.Text()
-	if errors.Is(err, redis.Nil) {
+// versionOf reads a reply that is a write version (8 bytes), or nil when
+// there is none (nothing written, no version stored).
+func versionOf(r any) (writeResult, error) {
+	switch v := r.(type) {
+	case nil:
 		return writeResult{}, nil
+	case string:
+		if len(v) == 8 {
+			return writeResult{version: binary.BigEndian.Uint64([]byte(v)), written: true}, nil
+		}
 	}
-	if err != nil {
-		return writeResult{}, err
-	}
-	if len(s) != 8 {
-		return writeResult{}, fmt.Errorf("layercache: write script returned %d bytes, want an 8-byte version", len(s))
-	}
-	return writeResult{version: binary.BigEndian.Uint64([]byte(s)), written: true}, nil
-}
-
-// versionReply reads a Version, Take or Arm reply: a version, or 0 for
-// nil.
-func versionReply(cmd *redis.Cmd) (uint64, error) {
-	r, err := versionResult(cmd)
-	return r.version, err
+	return writeResult{}, fmt.Errorf("layercache: script replied %v (%T), want an 8-byte version or nil", r, r)
 }
 
 // ttlMillis is a TTL as the scripts take it.

@@ -178,12 +178,14 @@ func envs(recs []record) [][]byte {
 }
 
 // casOp is one compare-and-set of a repair: if the entry still holds
-// expect, replace it by env (or delete it when env is nil).
+// expect, replace it by env (or delete it when env is nil); with a fence
+// token, only while the key's copy fence holds it (see scripts.Arm).
 type casOp struct {
 	key    string
 	expect record
 	env    []byte
 	ttl    time.Duration
+	fence  string
 }
 
 // newLayoutStore returns the store of l for a cache's keyspace. ttl is how
@@ -231,140 +233,228 @@ func newKeyed(client redis.UniversalClient, now func() int64) keyed {
 	return keyed{client: client, pub: publishCommand(client), cluster: isCluster(client), now: now}
 }
 
-// call returns the script call for l with the operation's args.
-func (k *keyed) call(l *loc, args ...any) scriptCall {
+// batchItem is one key's part of a call of a per-key script.
+type batchItem struct {
+	l    loc
+	args []any // the operation's arguments, after the field
+}
+
+// maxBatch bounds the keys of one script call: a script blocks the server
+// while it runs, and one call per slot group of a 20,000-key Delete
+// should not.
+const maxBatch = 128
+
+// eval runs script over items: one call per slot group (per maxBatch
+// items), all in one pipeline, so one round trip per node. It returns each
+// item's reply and error.
+func (k *keyed) eval(ctx context.Context, script *redis.Script, items []batchItem) ([]any, []error) {
+	replies, errs := make([]any, len(items)), make([]error, len(items))
+	if len(items) == 0 {
+		return replies, errs
+	}
+	first := make([]string, len(items))
+	for i := range items {
+		first[i] = items[i].l.keys[0]
+	}
 	now := ""
-	if l.timed {
+	if items[0].l.timed {
 		now = strconv.FormatInt(k.now(), 10)
 	}
-	return scriptCall{keys: l.keys, args: append([]any{l.layout, l.field, now}, args...)}
+	var calls []scriptCall
+	var idx [][]int
+	for _, g := range slotGroups(k.cluster, first) {
+		for len(g) > 0 {
+			chunk := g[:min(len(g), maxBatch)]
+			g = g[len(chunk):]
+			c := scriptCall{args: []any{items[chunk[0]].l.layout, now}}
+			for _, i := range chunk {
+				c.keys = append(c.keys, items[i].l.keys...)
+				c.args = append(append(c.args, items[i].l.field), items[i].args...)
+			}
+			calls, idx = append(calls, c), append(idx, chunk)
+		}
+	}
+	cmds, _ := evalMany(ctx, k.client, script, calls)
+	for ci, cmd := range cmds {
+		res, err := cmd.Slice()
+		if err == nil && len(res) != len(idx[ci]) {
+			err = fmt.Errorf("layercache: script replied %d values for %d keys", len(res), len(idx[ci]))
+		}
+		for j, i := range idx[ci] {
+			if err != nil {
+				errs[i] = err
+			} else {
+				replies[i] = res[j]
+			}
+		}
+	}
+	return replies, errs
 }
 
-// run runs script for key.
-func (k *keyed) run(ctx context.Context, script *redis.Script, key string, args ...any) *redis.Cmd {
+// one runs script for one key.
+func (k *keyed) one(ctx context.Context, script *redis.Script, key string, args ...any) (any, error) {
 	l, err := k.locate(key)
 	if err != nil {
-		cmd := redis.NewCmd(ctx)
-		cmd.SetErr(err)
-		return cmd
+		return nil, err
 	}
-	c := k.call(&l, args...)
-	return script.Run(ctx, k.client, c.keys, c.args...)
+	replies, errs := k.eval(ctx, script, []batchItem{{l: l, args: args}})
+	return replies[0], errs[0]
 }
 
-// writeCall returns the Write script call of one write, or ok=false when
-// the layout skips it (writeTTL).
-func (k *keyed) writeCall(op *writeOp) (scriptCall, bool, error) {
-	l, err := k.locate(op.key)
-	if err != nil {
-		return scriptCall{}, false, err
+// many runs script for keys, with args(i) the arguments of keys[i]. A key
+// the layout refuses (locate) gets its error and is not sent, nor is one
+// args declines.
+func (k *keyed) many(ctx context.Context, script *redis.Script, keys []string, args func(i int, l *loc) ([]any, bool)) ([]any, []error) {
+	items := make([]batchItem, 0, len(keys))
+	at := make([]int, 0, len(keys))
+	errs := make([]error, len(keys))
+	for i, key := range keys {
+		l, err := k.locate(key)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		a, ok := args(i, &l)
+		if !ok {
+			continue
+		}
+		items, at = append(items, batchItem{l: l, args: a}), append(at, i)
 	}
+	replies := make([]any, len(keys))
+	r, e := k.eval(ctx, script, items)
+	for j, i := range at {
+		replies[i], errs[i] = r[j], e[j]
+	}
+	return replies, errs
+}
+
+// writeArgs returns the Write arguments of op, or false when the layout
+// skips it (writeTTL).
+func (k *keyed) writeArgs(op *writeOp, l *loc) ([]any, bool) {
 	ttl := op.ttl
 	if k.writeTTL != nil {
 		var ok bool
 		if ttl, ok = k.writeTTL(op.env, ttl, op.w.copy); !ok {
-			return scriptCall{}, false, nil
+			return nil, false
 		}
 	}
 	mode := "f"
 	if op.w.copy {
 		mode = "c"
 	}
-	return k.call(&l, op.env, ttlMillis(ttl), mode, op.w.lease, boolArg(op.w.breakLease), op.w.fence, k.pub, l.channel), true, nil
+	return []any{op.env, ttlMillis(ttl), mode, op.w.lease, boolArg(op.w.breakLease), op.w.fence, k.pub, l.channel}, true
 }
 
 func (k *keyed) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
-	c, ok, err := k.writeCall(&writeOp{key: key, env: env, ttl: ttl, w: w})
-	if err != nil || !ok {
-		return writeResult{}, err
-	}
-	return versionResult(scripts.Write.Run(ctx, k.client, c.keys, c.args...))
+	res, err := k.writeMany(ctx, []writeOp{{key: key, env: env, ttl: ttl, w: w}})
+	return res[0], err
 }
 
 func (k *keyed) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error) {
-	out := make([]writeResult, len(ops))
-	calls := make([]scriptCall, 0, len(ops))
-	idx := make([]int, 0, len(ops))
-	var errs []error
+	keys := make([]string, len(ops))
 	for i := range ops {
-		c, ok, err := k.writeCall(&ops[i])
-		if err != nil {
-			errs = append(errs, err)
-		}
-		if ok {
-			calls, idx = append(calls, c), append(idx, i)
+		keys[i] = ops[i].key
+	}
+	replies, errs := k.many(ctx, scripts.Write, keys, func(i int, l *loc) ([]any, bool) { return k.writeArgs(&ops[i], l) })
+	out := make([]writeResult, len(ops))
+	for i, r := range replies {
+		if errs[i] == nil {
+			out[i], errs[i] = versionOf(r)
 		}
 	}
-	cmds, err := evalMany(ctx, k.client, scripts.Write, calls)
-	for j, cmd := range cmds {
-		out[idx[j]], _ = versionResult(cmd)
-	}
-	return out, errors.Join(append(errs, err)...)
+	return out, errors.Join(errs...)
 }
 
 func (k *keyed) del(ctx context.Context, keys []string) error {
-	calls := make([]scriptCall, 0, len(keys))
-	for _, key := range keys {
-		l, err := k.locate(key)
-		if err != nil {
-			return err
-		}
-		calls = append(calls, k.call(&l, k.pub, l.channel))
+	_, errs := k.many(ctx, scripts.Delete, keys, func(_ int, l *loc) ([]any, bool) { return []any{k.pub, l.channel}, true })
+	return errors.Join(errs...)
+}
+
+// versionOne runs a script that replies a version for key.
+func (k *keyed) versionOne(ctx context.Context, script *redis.Script, key string, args ...any) (uint64, error) {
+	r, err := k.one(ctx, script, key, args...)
+	if err != nil {
+		return 0, err
 	}
-	_, err := evalMany(ctx, k.client, scripts.Delete, calls)
-	return err
+	res, err := versionOf(r)
+	return res.version, err
 }
 
 func (k *keyed) version(ctx context.Context, key string) (uint64, error) {
-	return versionReply(k.run(ctx, scripts.Version, key))
+	return k.versionOne(ctx, scripts.Version, key)
 }
 
 func (k *keyed) take(ctx context.Context, key string) (uint64, error) {
-	return versionReply(k.run(ctx, scripts.Take, key))
+	return k.versionOne(ctx, scripts.Take, key)
 }
 
 func (k *keyed) armVersion(ctx context.Context, key, token string) (uint64, error) {
-	return versionReply(k.run(ctx, scripts.Arm, key, token, fenceTTL.Milliseconds(), "1"))
+	return k.versionOne(ctx, scripts.Arm, key, token, fenceTTL.Milliseconds(), "1")
 }
 
+// armMany arms the copy fence of keys; a key the layout refuses is never
+// copied to and is skipped.
 func (k *keyed) armMany(ctx context.Context, keys []string, token string) error {
-	calls := make([]scriptCall, 0, len(keys))
-	for _, key := range keys {
-		l, err := k.locate(key)
-		if err != nil {
-			continue // such a key is never copied to
-		}
-		calls = append(calls, k.call(&l, token, fenceTTL.Milliseconds(), "0"))
-	}
-	_, err := evalMany(ctx, k.client, scripts.Arm, calls)
-	return err
+	args := []any{token, fenceTTL.Milliseconds(), "0"}
+	_, errs := k.many(ctx, scripts.Arm, keys, func(int, *loc) ([]any, bool) { return args, true })
+	return joinUnlessInvalid(errs)
 }
 
-func (k *keyed) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
-	out := make([]bool, len(ops))
-	calls := make([]scriptCall, 0, len(ops))
-	idx := make([]int, 0, len(ops))
-	for i, op := range ops {
-		l, err := k.locate(op.key)
-		if err != nil {
-			continue
+// joinUnlessInvalid joins errs but those of keys the layout refuses.
+func joinUnlessInvalid(errs []error) error {
+	var out []error
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, ErrInvalidKey) {
+			out = append(out, err)
 		}
+	}
+	return errors.Join(out...)
+}
+
+// casMany applies repairs; a repair the layout skips (see rawTTL: a
+// stale value is not copied to Raw) or refuses reports false.
+func (k *keyed) casMany(ctx context.Context, ops []casOp) ([]bool, error) {
+	keys := make([]string, len(ops))
+	for i := range ops {
+		keys[i] = ops[i].key
+	}
+	replies, errs := k.many(ctx, scripts.CAS, keys, func(i int, _ *loc) ([]any, bool) {
+		op := &ops[i]
 		ttl := op.ttl
 		if op.env != nil && k.writeTTL != nil {
 			var ok bool
 			if ttl, ok = k.writeTTL(op.env, ttl, true); !ok {
-				continue // see rawTTL: a stale value is not repaired
+				return nil, false
 			}
 		}
-		calls = append(calls, k.call(&l, boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(ttl)))
-		idx = append(idx, i)
+		return []any{boolArg(op.expect.found), op.expect.native, op.env, ttlMillis(ttl), op.fence}, true
+	})
+	out := make([]bool, len(ops))
+	for i, r := range replies {
+		n, _ := r.(int64)
+		out[i] = n == 1
 	}
-	cmds, err := evalMany(ctx, k.client, scripts.CAS, calls)
-	for j, c := range cmds {
-		n, e := c.Int()
-		out[idx[j]] = e == nil && n == 1
+	return out, joinUnlessInvalid(errs)
+}
+
+func (k *keyed) acquireLease(ctx context.Context, key, token string, ttl time.Duration, read bool) (leaseAttempt, error) {
+	r, err := k.one(ctx, scripts.Acquire, key, token, ttlMillis(ttl), boolArg(read))
+	if err != nil {
+		return leaseAttempt{}, err
 	}
-	return out, err
+	res, ok := r.([]any)
+	if !ok {
+		return leaseAttempt{}, fmt.Errorf("layercache: lease script replied %T, want an array", r)
+	}
+	ar, err := parseAcquire(res)
+	if err != nil {
+		return leaseAttempt{}, err
+	}
+	a := leaseAttempt{acquired: ar.taken, heldFor: ar.heldFor, env: ar.value}
+	if read && k.synth != nil {
+		a.env = k.synth(&ar)
+	}
+	return a, nil
 }
 
 // acquireReply is the Acquire script's reply.
@@ -374,22 +464,6 @@ type acquireReply struct {
 	heldFor            time.Duration
 	valueTTL, stampTTL time.Duration // Raw: PTTLs (-1 no expiry, -2 absent)
 	stamp              []byte        // Raw: the version stamp
-}
-
-func (k *keyed) acquireLease(ctx context.Context, key, token string, ttl time.Duration, read bool) (leaseAttempt, error) {
-	res, err := k.run(ctx, scripts.Acquire, key, token, ttlMillis(ttl), boolArg(read)).Slice()
-	if err != nil {
-		return leaseAttempt{}, err
-	}
-	r, err := parseAcquire(res)
-	if err != nil {
-		return leaseAttempt{}, err
-	}
-	a := leaseAttempt{acquired: r.taken, heldFor: r.heldFor, env: r.value}
-	if read && k.synth != nil {
-		a.env = k.synth(&r)
-	}
-	return a, nil
 }
 
 // parseAcquire decodes {value, taken, lease PTTL, value PTTL, stamp,
@@ -431,26 +505,26 @@ func redisTTL(ms int64) time.Duration {
 }
 
 func (k *keyed) renewLease(ctx context.Context, key, token string, ttl time.Duration) (bool, error) {
-	n, err := k.run(ctx, scripts.Renew, key, token, ttlMillis(ttl)).Int()
+	r, err := k.one(ctx, scripts.Renew, key, token, ttlMillis(ttl))
+	n, _ := r.(int64)
 	return n == 1, err
 }
 
 func (k *keyed) releaseLease(ctx context.Context, key, token string) error {
-	l, err := k.locate(key)
-	if err != nil {
-		return err
-	}
-	c := k.call(&l, token, k.pub, l.channel)
-	return scripts.Release.Run(ctx, k.client, c.keys, c.args...).Err()
+	_, err := k.one(ctx, scripts.Release, key, token, k.pub, k.channelOf(key))
+	return err
 }
 
 func (k *keyed) breakLease(ctx context.Context, key string) error {
-	l, err := k.locate(key)
-	if err != nil {
-		return err
-	}
-	c := k.call(&l, k.pub, l.channel)
-	return scripts.BreakLease.Run(ctx, k.client, c.keys, c.args...).Err()
+	_, err := k.one(ctx, scripts.BreakLease, key, k.pub, k.channelOf(key))
+	return err
+}
+
+// channelOf is key's notice channel ("" for a key the layout refuses,
+// whose scripts fail first).
+func (k *keyed) channelOf(key string) string {
+	l, _ := k.locate(key)
+	return l.channel
 }
 
 // ---- building a cache's store ----

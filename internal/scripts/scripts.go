@@ -2,30 +2,35 @@
 // operation (take a lease, write, delete, ...), shared by the three
 // layouts, which differ only in where a key's value lives.
 //
-// # One key, one slot
+// # Batches of keys, each in its slot
 //
-// Every per-key script gets the same KEYS, all carrying one hash tag, so a
-// script never leaves the key's Redis Cluster slot:
+// Every per-key script works on a batch of keys (one or many) that share a
+// layout, given as items: each item's KEYS are consecutive, all carrying
+// one hash tag, so on a Redis Cluster a batch of keys of one slot never
+// leaves that slot (callers group keys by slot):
 //
-//	KEYS[1] the value's container: the value key (key per entry), the
-//	        shard hash (Hash) or the raw key (Raw)
-//	KEYS[2] the key's lease
-//	KEYS[3] the key's copy fence (see Arm)
-//	KEYS[4] Raw only: the version stamp
+//	KEYS[i+1] the value's container: the value key (key per entry), the
+//	          shard hash (Hash) or the raw key (Raw)
+//	KEYS[i+2] the key's lease
+//	KEYS[i+3] the key's copy fence (see Arm)
+//	KEYS[i+4] Raw only: the version stamp
 //
-// and ARGV starts with the same three arguments:
+// (three keys an item, four for Raw). ARGV starts with two arguments for
+// the whole batch:
 //
 //	ARGV[1] the layout: "k" (key per entry), "h" (Hash) or "r" (Raw)
-//	ARGV[2] Hash: the field (the user key); "" otherwise
-//	ARGV[3] Hash: now, Unix ms by the cache's clock (a field past its
+//	ARGV[2] Hash: now, Unix ms by the cache's clock (a field past its
 //	        expiry counts as absent, it only waits for the sweep); ""
 //	        otherwise
 //
-// followed by the operation's own. The notice channel a script publishes
-// to carries the key's hash tag too; the publish command is an argument:
-// SPUBLISH on a cluster (a notice stays on the key's shard), PUBLISH
-// elsewhere. Scripts stick to commands that miniredis's Lua interpreter
-// supports, so tests exercise the same text everywhere.
+// then, item after item, the item's arguments: the Hash field (the user
+// key; "" for other layouts), then the operation's own, a fixed number of
+// them per script. A script returns an array with one reply per item. The
+// notice channel a script publishes to carries the key's hash tag too; the
+// publish command is an argument: SPUBLISH on a cluster (a notice stays on
+// the key's shard), PUBLISH elsewhere. Scripts stick to commands that
+// miniredis's Lua interpreter supports, so tests exercise the same text
+// everywhere.
 //
 // # Leases
 //
@@ -122,15 +127,15 @@ local function envversion(e) return string.sub(e, $VFROM, $VTO) end
 local function negative(e) return math.floor(string.byte(e, $FLAGS) / $NEGATIVE) % 2 == 1 end
 -- native returns the bytes stored for the entry, false when absent.
 local function native()
-  if layout == 'h' then return redis.call('HGET', KEYS[1], field) end
-  return redis.call('GET', KEYS[1])
+  if layout == 'h' then return redis.call('HGET', kval, field) end
+  return redis.call('GET', kval)
 end
 -- current returns the write version of the entry that holds cur (its
 -- native bytes), nil when it has none: absent, not an envelope, a Hash
 -- field past its expiry, or a Raw value its stamp does not describe.
 local function current(cur)
   if layout == 'r' then
-    local st = redis.call('GET', KEYS[4])
+    local st = redis.call('GET', kstamp)
     if st and string.len(st) > 8 then
       local tail = string.sub(st, 9)
       if (tail == '-' and not cur) or (cur and tail == redis.sha1hex(cur)) then
@@ -148,13 +153,13 @@ end
 local function stored()
   local h
   if layout == 'r' then
-    h = redis.call('GET', KEYS[4])
+    h = redis.call('GET', kstamp)
     if h and string.len(h) > 8 then return string.sub(h, 1, 8) end
     return nil
   elseif layout == 'h' then
-    h = redis.call('HGET', KEYS[1], field)
+    h = redis.call('HGET', kval, field)
   else
-    h = redis.call('GETRANGE', KEYS[1], 0, $HEADER - 1)
+    h = redis.call('GETRANGE', kval, 0, $HEADER - 1)
   end
   if isenv(h) then return envversion(h) end
   return nil
@@ -163,12 +168,12 @@ end
 local function put(e, v, ttl)
   if layout == 'r' then
     if negative(e) then
-      redis.call('DEL', KEYS[1])
-      redis.call('SET', KEYS[4], v .. '-', 'PX', ttl)
+      redis.call('DEL', kval)
+      redis.call('SET', kstamp, v .. '-', 'PX', ttl)
     else
       local p = string.sub(e, $HEADER + 1)
-      redis.call('SET', KEYS[1], p, 'PX', ttl)
-      redis.call('SET', KEYS[4], v .. redis.sha1hex(p), 'PX', ttl)
+      redis.call('SET', kval, p, 'PX', ttl)
+      redis.call('SET', kstamp, v .. redis.sha1hex(p), 'PX', ttl)
     end
     return
   end
@@ -176,11 +181,11 @@ local function put(e, v, ttl)
     e = string.sub(e, 1, $VFROM - 1) .. v .. string.sub(e, $VTO + 1)
   end
   if layout == 'h' then
-    redis.call('HSET', KEYS[1], field, e)
+    redis.call('HSET', kval, field, e)
     local t = tonumber(ttl)
-    if redis.call('PTTL', KEYS[1]) < t then redis.call('PEXPIRE', KEYS[1], t) end
+    if redis.call('PTTL', kval) < t then redis.call('PEXPIRE', kval, t) end
   else
-    redis.call('SET', KEYS[1], e, 'PX', ttl)
+    redis.call('SET', kval, e, 'PX', ttl)
   end
 end
 -- write applies envelope e as a fresh write or a copy (see the package
@@ -201,22 +206,53 @@ end
 -- drop deletes the entry's value (and stamp).
 local function drop()
   if layout == 'h' then
-    redis.call('HDEL', KEYS[1], field)
+    redis.call('HDEL', kval, field)
   elseif layout == 'r' then
-    redis.call('DEL', KEYS[1], KEYS[4])
+    redis.call('DEL', kval, kstamp)
   else
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', kval)
   end
 end
 `)
 
-// keyArgs opens every per-key script: the common arguments (see the
-// package doc).
-const keyArgs = "\nlocal layout, field, now = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
+// batchHead opens every per-key script: the batch's arguments, and the
+// current item's keys and field, which lib's functions read.
+const batchHead = `
+local layout, now = ARGV[1], tonumber(ARGV[2])
+local field, kval, klease, kfence, kstamp = '', nil, nil, nil, nil
+`
 
-// script is a per-key script: the common arguments, the functions of lib
-// that body needs, and body.
-func script(body string) *redis.Script { return redis.NewScript(keyArgs + assemble(body)) }
+// batchLoop runs item on every item of the batch: it points kval,
+// klease, kfence, kstamp and field at the item, and passes item the index
+// in ARGV before the item's arguments (the field is ARGV[a + 1], the
+// operation's arguments follow it).
+const batchLoop = `
+local stride = 3
+if layout == 'r' then stride = 4 end
+local out = {}
+for i = 0, #KEYS / stride - 1 do
+  local o = i * stride
+  kval, klease, kfence, kstamp = KEYS[o + 1], KEYS[o + 2], KEYS[o + 3], KEYS[o + 4]
+  local a = 2 + i * $PER
+  field = ARGV[a + 1]
+  out[i + 1] = item(a)
+end
+return out
+`
+
+// PerItem is the number of ARGV entries of one item of each per-key
+// script, its field included.
+var PerItem = map[*redis.Script]int{}
+
+// script is a per-key script whose item (a function of a, see batchLoop;
+// it must not return nil) is body, with per arguments an item (its field
+// included).
+func script(per int, body string) *redis.Script {
+	item := "\nlocal function item(a)" + body + "end\n"
+	s := redis.NewScript(batchHead + assemble(item) + strings.Replace(batchLoop, "$PER", strconv.Itoa(per), 1))
+	PerItem[s] = per
+	return s
+}
 
 // luaFunc is one function of lib.
 type luaFunc struct{ name, text string }
@@ -266,55 +302,51 @@ func assemble(body string) string {
 }
 
 // Acquire takes the lease if it is free, and reads the entry in the same
-// step when asked to.
+// step when asked to. Item arguments: field, token, lease TTL ms, "1" to
+// read the entry.
 //
-//	ARGV[4] token, ARGV[5] lease TTL ms, ARGV[6] "1" to read the entry
-//
-// It returns {value, taken, lease PTTL, value PTTL, stamp, stamp PTTL}:
+// Each reply is {value, taken, lease PTTL, value PTTL, stamp, stamp PTTL}:
 // value is the entry's native bytes (false when absent or not read),
 // taken is 1 when the token now holds the lease (lease PTTL is then 0),
 // and the last three are read for Raw only (-2 and false otherwise).
 // Reading the value in the same step closes the window in which a fill
 // lands between a caller's miss and its attempt: such a caller sees the
 // value instead of taking a fresh lease and loading again.
-var Acquire = script(`
+var Acquire = script(4, `
+local token, ttl, read = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
 local v, vt, s, st = false, -2, false, -2
-if ARGV[6] == '1' then
+if read == '1' then
   v = native()
   if layout == 'r' then
-    vt = redis.call('PTTL', KEYS[1])
-    s = redis.call('GET', KEYS[4])
-    st = redis.call('PTTL', KEYS[4])
+    vt = redis.call('PTTL', kval)
+    s = redis.call('GET', kstamp)
+    st = redis.call('PTTL', kstamp)
   end
 end
-if redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then
+if redis.call('SET', klease, token, 'NX', 'PX', ttl) then
   return {v, 1, 0, vt, s, st}
 end
-return {v, 0, redis.call('PTTL', KEYS[2]), vt, s, st}
+return {v, 0, redis.call('PTTL', klease), vt, s, st}
 `)
 
-// Renew extends the lease if the token still holds it.
-//
-//	ARGV[4] token, ARGV[5] lease TTL ms
-//
-// It returns 1 when renewed, 0 when the lease is gone or held by another.
-var Renew = script(`
-if redis.call('GET', KEYS[2]) == ARGV[4] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+// Renew extends the lease if the token still holds it. Item arguments:
+// field, token, lease TTL ms. Each reply is 1 when renewed, 0 when the
+// lease is gone or held by another.
+var Renew = script(3, `
+if redis.call('GET', klease) == ARGV[a + 2] then
+  redis.call('PEXPIRE', klease, ARGV[a + 3])
   return 1
 end
 return 0
 `)
 
 // Release drops the lease if the token holds it and publishes a notice.
-//
-//	ARGV[4] token, ARGV[5] publish command, ARGV[6] notice channel
-//
-// It returns 1 when released, 0 when the token no longer held it.
-var Release = script(`
-if redis.call('GET', KEYS[2]) == ARGV[4] then
-  redis.call('DEL', KEYS[2])
-  redis.call(ARGV[5], ARGV[6], 'released')
+// Item arguments: field, token, publish command, notice channel. Each
+// reply is 1 when released, 0 when the token no longer held it.
+var Release = script(4, `
+if redis.call('GET', klease) == ARGV[a + 2] then
+  redis.call('DEL', klease)
+  redis.call(ARGV[a + 3], ARGV[a + 4], 'released')
   return 1
 end
 return 0
@@ -322,12 +354,11 @@ return 0
 
 // BreakLease drops the lease, whoever holds it, and publishes a notice if
 // there was one: the second side of a dual Set, whose lease an instance
-// still on the other side of a phase switch may hold.
-//
-//	ARGV[4] publish command, ARGV[5] notice channel
-var BreakLease = script(`
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call(ARGV[4], ARGV[5], 'broken')
+// still on the other side of a phase switch may hold. Item arguments:
+// field, publish command, notice channel.
+var BreakLease = script(3, `
+if redis.call('DEL', klease) == 1 then
+  redis.call(ARGV[a + 2], ARGV[a + 3], 'broken')
   return 1
 end
 return 0
@@ -335,15 +366,12 @@ return 0
 
 // Write is the one write of every layout: a fresh write or a copy (see
 // the package doc), optionally under a lease, behind a copy fence, or
-// breaking the lease.
+// breaking the lease. Item arguments: field, envelope, TTL ms, mode ("f"
+// fresh, "c" copy), lease token ("" for none), "1" to break the lease,
+// copy fence token ("" for none), publish command, notice channel.
 //
-//	ARGV[4] envelope, ARGV[5] TTL ms, ARGV[6] mode ("f" fresh, "c" copy),
-//	ARGV[7] lease token ("" for none), ARGV[8] "1" to break the lease,
-//	ARGV[9] copy fence token ("" for none), ARGV[10] publish command,
-//	ARGV[11] notice channel
-//
-// It returns the stored write version (8 bytes), or nil when nothing was
-// written:
+// Each reply is the stored write version (8 bytes), or nil when nothing
+// was written:
 //
 //   - under a lease (a fill): unless the token still holds the lease. A
 //     fill that lands releases the lease and publishes "filled". A lost
@@ -358,21 +386,23 @@ return 0
 // Breaking the lease (Set) drops it whoever holds it, in the same step
 // as the write, so that a fill that started before this write cannot land
 // after it; a broken lease gets a "broken" notice.
-var Write = script(`
-if ARGV[7] ~= '' then
-  local holder = redis.call('GET', KEYS[2])
-  if holder ~= ARGV[7] then
-    if not holder then redis.call(ARGV[10], ARGV[11], 'released') end
+var Write = script(9, `
+local e, ttl, mode, lease, brk, fence, pub, ch =
+  ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
+if lease ~= '' then
+  local holder = redis.call('GET', klease)
+  if holder ~= lease then
+    if not holder then redis.call(pub, ch, 'released') end
     return false
   end
 end
-if ARGV[9] ~= '' and redis.call('SREM', KEYS[3], ARGV[9]) == 0 then return false end
-local v = write(ARGV[4], ARGV[5], ARGV[6])
-if ARGV[7] ~= '' then
-  redis.call('DEL', KEYS[2])
-  redis.call(ARGV[10], ARGV[11], 'filled')
-elseif ARGV[8] == '1' and redis.call('DEL', KEYS[2]) == 1 then
-  redis.call(ARGV[10], ARGV[11], 'broken')
+if fence ~= '' and redis.call('SREM', kfence, fence) == 0 then return false end
+local v = write(e, ttl, mode)
+if lease ~= '' then
+  redis.call('DEL', klease)
+  redis.call(pub, ch, 'filled')
+elseif brk == '1' and redis.call('DEL', klease) == 1 then
+  redis.call(pub, ch, 'broken')
 end
 return v or false
 `)
@@ -384,79 +414,79 @@ return v or false
 // processes look again at once instead of sleeping until the broken lease
 // would have expired. Value and lease go together, in one script, so no
 // fill can slip in between them whatever the server's script cache holds.
-//
-//	ARGV[4] publish command, ARGV[5] notice channel
-var Delete = script(`
+// Item arguments: field, publish command, notice channel.
+var Delete = script(3, `
 drop()
-redis.call('DEL', KEYS[3])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call(ARGV[4], ARGV[5], 'broken')
+redis.call('DEL', kfence)
+if redis.call('DEL', klease) == 1 then
+  redis.call(ARGV[a + 2], ARGV[a + 3], 'broken')
 end
 return 1
 `)
 
 // Take deletes the entry and its copy fence (a pending copy must not land
-// on the side a single-side phase emptied) and returns the version it
-// held (as Version does), or nil.
-var Take = script(`
+// on the side a single-side phase emptied) and replies the version it held
+// (as Version does), or nil. Item arguments: field.
+var Take = script(1, `
 local v = stored()
 drop()
-redis.call('DEL', KEYS[3])
+redis.call('DEL', kfence)
 return v or false
 `)
 
-// Version returns the version the entry holds: the one in its envelope
+// Version replies the version the entry holds: the one in its envelope
 // header (expired Hash fields included), a Raw stamp's without checking it
 // against the payload; nil when none. It may overstate the version (a
 // stale stamp), which only makes a later write's version higher; it never
-// understates it.
-var Version = script(`
+// understates it. Item arguments: field.
+var Version = script(1, `
 return stored() or false
 `)
 
 // CAS is a repair: if the entry still holds the expected native bytes,
-// replace it by an envelope or delete it.
-//
-//	ARGV[4] "1" if the entry was present, ARGV[5] its native bytes,
-//	ARGV[6] the new envelope ("" to delete), ARGV[7] TTL ms
-//
-// It returns 1 when applied, 0 when the entry changed since it was read.
-var CAS = script(`
+// replace it by an envelope or delete it. Item arguments: field, "1" if
+// the entry was present, its native bytes, the new envelope ("" to
+// delete), TTL ms, copy fence token ("" for none: see Arm; a repair that
+// copies a value read before a Delete must not land after it). Each reply
+// is 1 when applied, 0 when the entry changed since it was read or the
+// fence was gone.
+var CAS = script(6, `
+local present, expected, e, ttl, fence = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+if fence ~= '' and redis.call('SREM', kfence, fence) == 0 then return 0 end
 local cur = native()
-if ARGV[4] == '1' then
-  if cur ~= ARGV[5] then return 0 end
+if present == '1' then
+  if cur ~= expected then return 0 end
 elseif cur then
   return 0
 end
-if ARGV[6] == '' then
+if e == '' then
   drop()
 else
-  put(ARGV[6], envversion(ARGV[6]), ARGV[7])
+  put(e, envversion(e), ttl)
 end
 return 1
 `)
 
 // Arm adds a token to the key's copy fence: a set of tokens, in the slot
-// of the side a copy will be written to, that expires ARGV[5] ms after the
-// last token was added.
-//
-//	ARGV[4] token, ARGV[5] fence TTL ms, ARGV[6] "1" to also return the
-//	entry's version (as Version does), read after the fence is armed
+// of the side a copy will be written to, that expires a fence TTL after
+// the last token was added. Item arguments: field, token, fence TTL ms,
+// "1" to also reply the entry's version (as Version does), read after the
+// fence is armed.
 //
 // A copy is a write of a value read elsewhere: the second side of a dual
 // write or fill, a backfill after a fallback read, an upgrade from an
-// older version. The copier arms a fence on the destination before it
-// reads (or writes) the source, and the copy is written (Write with a
-// fence token) only if its token is still in the fence, which the write
-// removes. A Delete deletes the fence with the value, so a copy whose
-// source was read before the Delete cannot land after it, however late it
-// runs; a fence that expired voids its copies, which only costs a miss.
-// Copies of concurrent writers each have their own token, so they all
-// land, set-if-newer, and the sides converge.
-var Arm = script(`
-redis.call('SADD', KEYS[3], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-if ARGV[6] == '1' then return stored() or false end
+// older version, a reconcile's repair. The copier arms a fence on the
+// destination before it reads (or writes) the source, and the copy is
+// written (Write or CAS with a fence token) only if its token is still in
+// the fence, which the write removes. A Delete deletes the fence with the
+// value, so a copy whose source was read before the Delete cannot land
+// after it, however late it runs; a fence that expired voids its copies,
+// which only costs a miss. Copies of concurrent writers each have their
+// own token, so they all land, set-if-newer, and the sides converge.
+var Arm = script(4, `
+redis.call('SADD', kfence, ARGV[a + 2])
+redis.call('PEXPIRE', kfence, ARGV[a + 3])
+if ARGV[a + 4] == '1' then return stored() or false end
 return false
 `)
 
