@@ -29,6 +29,18 @@
 // environment variable LAYERCACHE_REQUIRE_REDIS=1 is set, in which case
 // the test fails. A real server that cannot be started is always a test
 // failure.
+//
+// Tests that break Redis on purpose use servers of their own instead:
+// [StartServer] (a redis-server to kill and restart on the same port) and
+// [StartCluster] (a cluster with replicas whose masters can be killed and
+// whose slots can be moved under load), stopped by t.Cleanup. Server-side
+// faults are [KillClients], [ClientPause] and [DebugSleep]; network
+// faults are in the faults package.
+//
+// The helpers shared by every test are [Eventually] (bounded polling, no
+// sleeping to "let things settle"), [Clients] (one client per simulated
+// process) and [Hammer] and [HammerFor] (many goroutines at once, panics
+// reported).
 package redistest
 
 import (
