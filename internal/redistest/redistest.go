@@ -142,7 +142,7 @@ func (tgt *Target) clone() *Target {
 // Call it from TestMain. It starts nothing itself.
 func Main(m *testing.M) {
 	code := m.Run()
-	stopAll()
+	StopAll()
 	os.Exit(code)
 }
 

@@ -63,11 +63,11 @@ var (
 	mu       sync.Mutex
 	stopping bool
 	baseDir  string
-	procs    []*proc // every process started and not yet stopped, for stopAll
+	procs    []*proc // every process started and not yet stopped, for StopAll
 )
 
 // sharedDir makes a directory for a shared server under the base
-// directory that stopAll removes.
+// directory that StopAll removes.
 func sharedDir(name string, port int) (string, error) {
 	mu.Lock()
 	defer mu.Unlock()
@@ -239,7 +239,11 @@ func stopProcs(list []*proc, graceful bool) {
 	}
 }
 
-func stopAll() {
+// StopAll stops every Redis server this package started and removes the
+// shared servers' directories; later starts fail. [Main] calls it after
+// the tests; a TestMain that tears down other harnesses too (pgtest)
+// calls it instead of Main.
+func StopAll() {
 	mu.Lock()
 	stopping = true
 	list := slices.Clone(procs)
