@@ -26,9 +26,8 @@ import (
 // It is started by [StartCluster] and stopped by t.Cleanup. Methods that
 // fail the test must be called from the test's goroutine.
 type DedicatedCluster struct {
-	t       testing.TB
-	nodes   []*Server // masters first, then replicas, as started
-	masters int
+	t     testing.TB
+	nodes []*Server // masters first, then replicas, as started
 }
 
 // ClusterNodeTimeout is the cluster-node-timeout of a [DedicatedCluster].
@@ -54,7 +53,7 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *DedicatedCluste
 		// replicas to join a diskless transfer.
 		"--repl-diskless-sync-delay", "0",
 	)
-	c := &DedicatedCluster{t: t, nodes: make([]*Server, n), masters: masters}
+	c := &DedicatedCluster{t: t, nodes: make([]*Server, n)}
 	// Started one by one: startDedicated fails t, which only the test's
 	// goroutine may do. Each start takes a few milliseconds.
 	for i := range n {
@@ -183,7 +182,9 @@ func (c *DedicatedCluster) WaitFailover(ctx context.Context) error {
 	if len(addrs) == 0 {
 		return errors.New("redistest: no node is running")
 	}
-	return waitClusterReady(ctx, addrs, c.masters)
+	// Any number of masters: a master that lost all its slots to a
+	// Reshard has become a replica.
+	return waitClusterReady(ctx, addrs, 0)
 }
 
 // MoveSlot moves hash slot slot, with its keys, to the master at to, the
@@ -302,8 +303,11 @@ func (c *DedicatedCluster) Reshard(ctx context.Context, from, to string, n int) 
 		return fmt.Errorf("redistest: Reshard: CLUSTER SLOTS on %s: %w", from, err)
 	}
 	var slots []int
-	for _, r := range ranges {
-		for s := r.lo; s <= r.hi && r.addr == from && len(slots) < n; s++ {
+	for _, r := range ranges { // sorted by first slot
+		if r.addr != from {
+			continue
+		}
+		for s := r.lo; s <= r.hi && len(slots) < n; s++ {
 			slots = append(slots, s)
 		}
 	}
