@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -34,7 +33,7 @@ type Server struct {
 	base string // holds data/, sock/ and log
 	port *testproc.Port
 	addr string
-	cred *syscall.Credential
+	cred *credential // nil: run as ourselves
 
 	mu   sync.Mutex
 	proc *pgProc // nil while down
@@ -93,18 +92,16 @@ func newServer(name string) (*Server, error) {
 	if err := os.Mkdir(s.sockDir(), 0o700); err != nil {
 		return fail(err)
 	}
-	if cred != nil {
-		for _, d := range []string{base, s.sockDir()} {
-			if err := os.Chown(d, int(cred.Uid), int(cred.Gid)); err != nil {
-				return fail(err)
-			}
+	for _, d := range []string{base, s.sockDir()} {
+		if err := chownTo(d, cred); err != nil {
+			return fail(err)
 		}
 	}
 	initdb := exec.Command(b.initdb,
 		"-D", s.dataDir(), "-U", Superuser, "--auth=trust", "-E", "UTF8", "--locale=C",
 		"--no-sync", "--no-instructions")
 	initdb.Env = childEnv()
-	initdb.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	runWith(initdb, cred)
 	var out bytes.Buffer
 	initdb.Stdout, initdb.Stderr = &out, &out
 	if err := testproc.Start(initdb); err != nil {
@@ -158,7 +155,7 @@ func (s *Server) start() error {
 		"-c", "logging_collector=off",
 	)
 	cmd.Env = childEnv()
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	runWith(cmd, s.cred)
 	// The log is appended to across restarts; written by this process,
 	// so no permission question for the postgres user.
 	logf, err := os.OpenFile(s.logPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
