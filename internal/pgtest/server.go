@@ -303,9 +303,12 @@ func (s *Server) dropDB(name string) error {
 	return s.Exec(ctx, "postgres", "DROP DATABASE "+name+" WITH (FORCE)")
 }
 
-// Exec runs sql (one or more statements; any rows are discarded) in
-// database db as the superuser on a connection of its own, and returns
-// the first error. It needs no driver, for tests' setup and faults, e.g.
+// Exec runs sql in database db as the superuser on a connection of its
+// own, discarding any rows, and returns the first error. Several
+// statements separated by semicolons run in one implicit transaction (as
+// a simple query does), so statements that refuse a transaction that
+// wrote, such as pg_create_logical_replication_slot, need a call of
+// their own. It needs no driver, for tests' setup and faults, e.g.
 // cutting a replication connection:
 //
 //	srv.Exec(ctx, db.Name, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots")
