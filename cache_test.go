@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -384,6 +385,52 @@ func TestLoaderPanic(t *testing.T) {
 		}
 		if st := c.Stats(); st.LoadPanics != 1 {
 			t.Fatalf("LoadPanics = %d, want 1", st.LoadPanics)
+		}
+	})
+}
+
+// TestLoaderPanicUnwraps: a loader that panics with an error hands it to
+// errors.Is and errors.As through the PanicError.
+func TestLoaderPanicUnwraps(t *testing.T) {
+	c := newCache[user](t, redistest.Miniredis(t).NewClient(t), layercache.WithNamespace(redistest.Namespace(t)))
+	_, err := c.Fetch(context.Background(), "p", func(context.Context) (user, error) { panic(io.ErrUnexpectedEOF) })
+	if !errors.Is(err, layercache.ErrLoaderPanic) || !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("Fetch = %v, want a PanicError that unwraps to io.ErrUnexpectedEOF", err)
+	}
+	_, err = c.Fetch(context.Background(), "q", func(context.Context) (user, error) { panic("not an error") })
+	var pe *layercache.PanicError
+	if !errors.As(err, &pe) || pe.Unwrap() != nil {
+		t.Fatalf("Fetch = %v; a non-error panic value unwraps to nothing", err)
+	}
+}
+
+// TestLoaderGoexit: a loader that calls runtime.Goexit (t.FailNow in a
+// test) gives its callers an error, not a zero value with a nil error,
+// and nothing is cached.
+func TestLoaderGoexit(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		c := newCache[user](t, tgt.NewClient(t), layercache.WithNamespace(redistest.Namespace(t)))
+		release := make(chan struct{})
+		load := func(context.Context) (user, error) {
+			<-release
+			runtime.Goexit()
+			return user{ID: 1}, nil
+		}
+		const n = 5
+		errs := make(chan error, n)
+		for range n {
+			go func() { _, err := c.Fetch(ctx, "g", load); errs <- err }()
+		}
+		waitFor(t, func() bool { return c.Stats().Coalesced == n-1 })
+		close(release)
+		for range n {
+			if err := <-errs; !errors.Is(err, layercache.ErrLoaderGoexit) {
+				t.Fatalf("waiter got %v, want ErrLoaderGoexit", err)
+			}
+		}
+		if _, err := c.Get(ctx, "g"); !errors.Is(err, layercache.ErrNotFound) {
+			t.Fatalf("Get after a Goexit = %v, want not found", err)
 		}
 	})
 }

@@ -105,6 +105,28 @@ func TestLocalInvalidatedByOwnWrites(t *testing.T) {
 	}
 }
 
+// TestLocalLoadedValueIsLocalAtOnce: what this process loads enters its
+// local tier as it is written, so the next read is a local hit, not a
+// Redis one.
+func TestLocalLoadedValueIsLocalAtOnce(t *testing.T) {
+	redistest.Run(t, func(t *testing.T, tgt *redistest.Target) {
+		ctx := context.Background()
+		for _, opts := range [][]layercache.Option{nil, {layercache.WithLocks(time.Second, time.Second)}} {
+			c := newCache[user](t, tgt.NewClient(t), append([]layercache.Option{layercache.WithNamespace(redistest.Namespace(t)),
+				layercache.WithLocal(100, time.Hour)}, opts...)...)
+			var loads counter
+			for range 3 {
+				if got, err := c.Fetch(ctx, "k", loads.user(9, 0)); err != nil || got.ID != 9 {
+					t.Fatalf("Fetch = %+v, %v", got, err)
+				}
+			}
+			if st := c.Stats(); loads.n.Load() != 1 || st.LocalHits != 2 || st.RedisHits != 0 {
+				t.Fatalf("%d loads, stats %+v; want one load, then two local hits", loads.n.Load(), st)
+			}
+		}
+	})
+}
+
 func TestLocalNegative(t *testing.T) {
 	ctx := context.Background()
 	c := newCache[user](t, redistest.Miniredis(t).NewClient(t), layercache.WithNamespace(redistest.Namespace(t)),
