@@ -10,9 +10,10 @@
 // Values live at namespace:version:{key} (the key in a Redis Cluster hash
 // tag) inside a small binary envelope that records when the value was
 // written and until when it is fresh. A value that does not decode is a
-// counted miss, never an error or a panic. Concurrent misses of one key in
-// a process share one load, detached from any one caller's context; a load
-// returning [ErrNotFound] is remembered for a short while.
+// counted miss, never an error or a panic. Concurrent reads of one key in a
+// process share one Redis read and one load, detached from any one
+// caller's context; a load returning [ErrNotFound] is remembered for a
+// short while.
 //
 // [WithLocal] adds an in-process tier of decoded values (a hit costs tens
 // of nanoseconds, no I/O); a [Bus] ([NewBus], [WithInvalidation]) carries
@@ -29,6 +30,8 @@
 // plain values at keys other code writes ([Raw]); [WithMigration] moves a
 // cache between two of them in phases every process follows ([SetPhase]),
 // with rollback at any step and a reconciler ([Cache.Reconcile]).
+// [Purge] and [Reconcile] need no value type, so an operator's tool can run
+// them against the keys the services' caches keep.
 //
 // It works with *redis.Client, *redis.ClusterClient, *redis.Ring and the
 // failover client through [redis.UniversalClient]. No command or script
