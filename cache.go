@@ -181,13 +181,13 @@ func (c *Cache[T]) Fetch(ctx context.Context, key string, load func(ctx context.
 // and one load per process.
 func (c *Cache[T]) fetch(ctx context.Context, key string, load func(context.Context) (T, error)) (T, error) {
 	var zero T
-	f, leader, ok := c.flights.join(key)
+	f, done, leader, ok := c.flights.join(key)
 	if !ok {
 		return zero, ErrClosed
 	}
 	if !leader {
 		c.rec.inc(evCoalesced)
-		return c.await(ctx, f)
+		return c.await(ctx, f, done)
 	}
 	f.tok = c.local.begin(key) // before the Redis read: see localTier
 	e, err := c.read(ctx, key, f.tok)
@@ -214,14 +214,16 @@ func (c *Cache[T]) fetch(ctx context.Context, key string, load func(context.Cont
 	}
 	// A miss (or a failed read: load anyway). The load outlives this
 	// caller if it gives up (see detach).
+	done = c.flights.wait(f) // before the load can finish
 	go c.runLoad(ctx, key, f, load)
-	return c.await(ctx, f)
+	return c.await(ctx, f, done)
 }
 
-// await waits for f's result, or for ctx, whichever comes first.
-func (c *Cache[T]) await(ctx context.Context, f *flight[T]) (T, error) {
+// await waits for f's result (done closed), or for ctx, whichever comes
+// first.
+func (c *Cache[T]) await(ctx context.Context, f *flight[T], done <-chan struct{}) (T, error) {
 	select {
-	case <-f.done:
+	case <-done:
 		return f.val, f.err
 	case <-ctx.Done():
 		var zero T

@@ -8,7 +8,11 @@ import (
 // flight is one shared read of one key in this process: the Redis read
 // and, on a miss, the load. Its callers all get what it found.
 type flight[T any] struct {
-	done chan struct{} // closed by finish, after val and err are set
+	// done is closed by finish, after val and err are set. It is made
+	// when the first caller needs to wait (under the group's lock): a
+	// flight that ends without waiters, as a Redis hit's usually does,
+	// costs no channel.
+	done chan struct{}
 	val  T
 	err  error
 	// tok is the local tier's fill token, taken before the Redis read:
@@ -45,24 +49,40 @@ type flightGroup[T any] struct {
 }
 
 // join returns the flight for key, starting one if none runs. leader is true
-// for the caller that must run it (and call finish). ok is false after close.
-func (g *flightGroup[T]) join(key string) (f *flight[T], leader, ok bool) {
+// for the caller that must run it (and call finish); the others get the
+// channel that finish closes. ok is false after close.
+func (g *flightGroup[T]) join(key string) (f *flight[T], done <-chan struct{}, leader, ok bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closing {
-		return nil, false, false
+		return nil, nil, false, false
 	}
 	if f, found := g.m[key]; found {
 		f.joined++
-		return f, false, true
+		return f, f.doneLocked(), false, true
 	}
 	if g.m == nil {
 		g.m = make(map[string]*flight[T])
 	}
-	f = &flight[T]{done: make(chan struct{})}
+	f = &flight[T]{}
 	g.m[key] = f
 	g.wg.Add(1)
-	return f, true, true
+	return f, nil, true, true
+}
+
+// wait returns the channel that finish closes, for a leader that waits
+// for its own flight's load.
+func (g *flightGroup[T]) wait(f *flight[T]) <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return f.doneLocked()
+}
+
+func (f *flight[T]) doneLocked() chan struct{} {
+	if f.done == nil {
+		f.done = make(chan struct{})
+	}
+	return f.done
 }
 
 // abandon ends the flight of a leader that gave up before it started a
@@ -76,8 +96,7 @@ func (g *flightGroup[T]) abandon(key string, f *flight[T]) bool {
 	}
 	g.mu.Unlock()
 	if alone {
-		close(f.done)
-		g.wg.Done()
+		g.wg.Done() // nobody waits: there is no channel to close
 	}
 	return alone
 }
@@ -90,8 +109,11 @@ func (g *flightGroup[T]) finish(key string, f *flight[T]) {
 	if g.m[key] == f {
 		delete(g.m, key)
 	}
+	done := f.done // no caller can join from here on, nor make a channel
 	g.mu.Unlock()
-	close(f.done)
+	if done != nil {
+		close(done)
+	}
 	g.wg.Done()
 }
 

@@ -168,6 +168,16 @@ type record struct {
 	found  bool   // native is present (even if env could not be made)
 }
 
+// getKeys is s.getMany, through s.get for a single key (the read path's
+// common case: no batching to set up).
+func getKeys(ctx context.Context, s store, keys []string) ([][]byte, error) {
+	if len(keys) == 1 {
+		b, err := s.get(ctx, keys[0])
+		return [][]byte{b}, err
+	}
+	return s.getMany(ctx, keys)
+}
+
 // envs returns the envelopes of records.
 func envs(recs []record) [][]byte {
 	out := make([][]byte, len(recs))
@@ -206,12 +216,17 @@ func newLayoutStore(client redis.UniversalClient, keys keyspace, l Layout, now f
 // touch, all in one Cluster slot, and how the scripts find the entry (see
 // internal/scripts).
 type loc struct {
-	keys    []string // container, lease, copy fence[, Raw stamp]
-	layout  string   // "k", "h" or "r"
-	field   string   // Hash: the field
-	timed   bool     // Hash: the scripts need now (expired fields count as absent)
-	channel string   // lease notices
+	keys   []string // container, lease, copy fence[, Raw stamp]
+	layout string   // "k", "h" or "r"
+	field  string   // Hash: the field
+	timed  bool     // Hash: the scripts need now (expired fields count as absent)
+	// The lease notice channel is chBase+chSuffix, joined only by the
+	// operations that publish (see channel).
+	chBase, chSuffix string
 }
+
+// channel returns the key's lease notice channel.
+func (l *loc) channel() string { return l.chBase + l.chSuffix }
 
 // keyed is the part of every layout store that runs the per-key scripts;
 // a layout says where a key lives (locate) and, for Raw, how its TTLs and
@@ -219,6 +234,7 @@ type loc struct {
 type keyed struct {
 	client  redis.UniversalClient
 	pub     string       // PUBLISH, or SPUBLISH on a cluster
+	pubArg  any          // pub, boxed once
 	cluster bool         // batch reads group keys by slot
 	now     func() int64 // the cache's clock, Unix ms
 	locate  func(key string) (loc, error)
@@ -230,8 +246,17 @@ type keyed struct {
 }
 
 func newKeyed(client redis.UniversalClient, now func() int64) keyed {
-	return keyed{client: client, pub: publishCommand(client), cluster: isCluster(client), now: now}
+	pub := publishCommand(client)
+	return keyed{client: client, pub: pub, pubArg: pub, cluster: isCluster(client), now: now}
 }
+
+// Script arguments boxed once: converting a string to an interface
+// allocates, and a Set passes several.
+var (
+	argFresh, argCopy any = "f", "c"
+	argTrue, argFalse any = "1", "0"
+	layoutArgs            = map[string]any{"k": "k", "h": "h", "r": "r"}
+)
 
 // batchItem is one key's part of a call of a per-key script.
 type batchItem struct {
@@ -297,14 +322,54 @@ func (k *keyed) one(ctx context.Context, script *redis.Script, key string, args 
 	if err != nil {
 		return nil, err
 	}
-	replies, errs := k.eval(ctx, script, []batchItem{{l: l, args: args}})
-	return replies[0], errs[0]
+	return k.eval1(ctx, script, &l, args...)
+}
+
+// eval1 runs script for the one key at l: eval without the batching, for
+// the single-key operations (a Set, a fill, a lease).
+func (k *keyed) eval1(ctx context.Context, script *redis.Script, l *loc, args ...any) (any, error) {
+	return k.run1(ctx, script, l, append(k.head(l, len(args)), args...))
+}
+
+// head returns the arguments a one-key call starts with (layout, now,
+// field), with room for n more.
+func (k *keyed) head(l *loc, n int) []any {
+	now := ""
+	if l.timed {
+		now = strconv.FormatInt(k.now(), 10)
+	}
+	return append(make([]any, 0, 3+n), layoutArgs[l.layout], now, l.field)
+}
+
+// run1 runs script for the one key at l with its whole ARGV.
+func (k *keyed) run1(ctx context.Context, script *redis.Script, l *loc, argv []any) (any, error) {
+	res, err := script.Run(ctx, k.client, l.keys, argv...).Slice()
+	if err != nil {
+		return nil, err
+	}
+	if len(res) != 1 {
+		return nil, fmt.Errorf("layercache: script replied %d values for 1 key", len(res))
+	}
+	return res[0], nil
 }
 
 // many runs script for keys, with args(i) the arguments of keys[i]. A key
 // the layout refuses (locate) gets its error and is not sent, nor is one
 // args declines.
 func (k *keyed) many(ctx context.Context, script *redis.Script, keys []string, args func(i int, l *loc) ([]any, bool)) ([]any, []error) {
+	if len(keys) == 1 {
+		// One key (a dual read's fence, a single Delete): no batching.
+		replies, errs := make([]any, 1), make([]error, 1)
+		l, err := k.locate(keys[0])
+		if err != nil {
+			errs[0] = err
+			return replies, errs
+		}
+		if a, ok := args(0, &l); ok {
+			replies[0], errs[0] = k.eval1(ctx, script, &l, a...)
+		}
+		return replies, errs
+	}
 	items := make([]batchItem, 0, len(keys))
 	at := make([]int, 0, len(keys))
 	errs := make([]error, len(keys))
@@ -328,9 +393,9 @@ func (k *keyed) many(ctx context.Context, script *redis.Script, keys []string, a
 	return replies, errs
 }
 
-// writeArgs returns the Write arguments of op, or false when the layout
-// skips it (writeTTL).
-func (k *keyed) writeArgs(op *writeOp, l *loc) ([]any, bool) {
+// writeArgs appends the Write arguments of op to dst, or returns false
+// when the layout skips it (writeTTL).
+func (k *keyed) writeArgs(op *writeOp, l *loc, dst []any) ([]any, bool) {
 	ttl := op.ttl
 	if k.writeTTL != nil {
 		var ok bool
@@ -338,16 +403,35 @@ func (k *keyed) writeArgs(op *writeOp, l *loc) ([]any, bool) {
 			return nil, false
 		}
 	}
-	mode := "f"
+	mode := argFresh
 	if op.w.copy {
-		mode = "c"
+		mode = argCopy
 	}
-	return []any{op.env, ttlMillis(ttl), mode, op.w.lease, boolArg(op.w.breakLease), op.w.fence, k.pub, l.channel}, true
+	brk := argFalse
+	if op.w.breakLease {
+		brk = argTrue
+	}
+	var ch any = ""
+	if op.w.lease != "" || op.w.breakLease {
+		ch = l.channel() // the only writes that publish
+	}
+	return append(dst, op.env, ttlMillis(ttl), mode, op.w.lease, brk, op.w.fence, k.pubArg, ch), true
 }
 
 func (k *keyed) write(ctx context.Context, key string, env []byte, ttl time.Duration, w writeOpts) (writeResult, error) {
-	res, err := k.writeMany(ctx, []writeOp{{key: key, env: env, ttl: ttl, w: w}})
-	return res[0], err
+	l, err := k.locate(key)
+	if err != nil {
+		return writeResult{}, err
+	}
+	args, ok := k.writeArgs(&writeOp{key: key, env: env, ttl: ttl, w: w}, &l, k.head(&l, 8))
+	if !ok {
+		return writeResult{}, nil
+	}
+	r, err := k.run1(ctx, scripts.Write, &l, args)
+	if err != nil {
+		return writeResult{}, err
+	}
+	return versionOf(r)
 }
 
 func (k *keyed) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, error) {
@@ -355,7 +439,7 @@ func (k *keyed) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, er
 	for i := range ops {
 		keys[i] = ops[i].key
 	}
-	replies, errs := k.many(ctx, scripts.Write, keys, func(i int, l *loc) ([]any, bool) { return k.writeArgs(&ops[i], l) })
+	replies, errs := k.many(ctx, scripts.Write, keys, func(i int, l *loc) ([]any, bool) { return k.writeArgs(&ops[i], l, nil) })
 	out := make([]writeResult, len(ops))
 	for i, r := range replies {
 		if errs[i] == nil {
@@ -366,7 +450,7 @@ func (k *keyed) writeMany(ctx context.Context, ops []writeOp) ([]writeResult, er
 }
 
 func (k *keyed) del(ctx context.Context, keys []string) error {
-	_, errs := k.many(ctx, scripts.Delete, keys, func(_ int, l *loc) ([]any, bool) { return []any{k.pub, l.channel}, true })
+	_, errs := k.many(ctx, scripts.Delete, keys, func(_ int, l *loc) ([]any, bool) { return []any{k.pub, l.channel()}, true })
 	return errors.Join(errs...)
 }
 
@@ -511,20 +595,21 @@ func (k *keyed) renewLease(ctx context.Context, key, token string, ttl time.Dura
 }
 
 func (k *keyed) releaseLease(ctx context.Context, key, token string) error {
-	_, err := k.one(ctx, scripts.Release, key, token, k.pub, k.channelOf(key))
+	l, err := k.locate(key)
+	if err != nil {
+		return err
+	}
+	_, err = k.eval1(ctx, scripts.Release, &l, token, k.pub, l.channel())
 	return err
 }
 
 func (k *keyed) breakLease(ctx context.Context, key string) error {
-	_, err := k.one(ctx, scripts.BreakLease, key, k.pub, k.channelOf(key))
+	l, err := k.locate(key)
+	if err != nil {
+		return err
+	}
+	_, err = k.eval1(ctx, scripts.BreakLease, &l, k.pub, l.channel())
 	return err
-}
-
-// channelOf is key's notice channel ("" for a key the layout refuses,
-// whose scripts fail first).
-func (k *keyed) channelOf(key string) string {
-	l, _ := k.locate(key)
-	return l.channel
 }
 
 // ---- building a cache's store ----

@@ -113,7 +113,7 @@ func (d *dualStore) getMany(ctx context.Context, keys []string) ([][]byte, error
 		return nil, err
 	}
 	pref, alt := reads(p)
-	out, perr := d.sides[pref].getMany(ctx, keys)
+	out, perr := getKeys(ctx, d.sides[pref], keys)
 	now := d.now()
 	var miss []int
 	for i, env := range out {
@@ -127,16 +127,13 @@ func (d *dualStore) getMany(ctx context.Context, keys []string) ([][]byte, error
 	if len(miss) == 0 {
 		return out, perr
 	}
-	missed := make([]string, len(miss))
-	for j, i := range miss {
-		missed[j] = keys[i]
-	}
+	missed := pick(keys, miss)
 	// Without the fence, nothing is backfilled; the fallback still serves.
 	fence := newLeaseToken()
 	if perr != nil || d.sideErr(ctx, pref, d.sides[pref].armMany(ctx, missed, fence)) != nil {
 		fence = ""
 	}
-	found, aerr := d.sides[alt].getMany(ctx, missed)
+	found, aerr := getKeys(ctx, d.sides[alt], missed)
 	aerr = d.sideErr(ctx, alt, aerr)
 	var backfills []writeOp
 	unresolved := false

@@ -93,11 +93,12 @@ func (s *hashStore) shardOf(key string) string { return s.shards[s.shardIndex(ke
 func (s *hashStore) at(key string) (loc, error) {
 	shard := s.shardOf(key)
 	return loc{
-		keys:    []string{shard, shard + leaseSuffix + ":" + key, shard + fenceSuffix + ":" + key},
-		layout:  "h",
-		field:   key,
-		timed:   true,
-		channel: shard + noticeSuffix + ":" + key,
+		keys:     []string{shard, shard + leaseSuffix + ":" + key, shard + fenceSuffix + ":" + key},
+		layout:   "h",
+		field:    key,
+		timed:    true,
+		chBase:   shard + noticeSuffix + ":",
+		chSuffix: key,
 	}, nil
 }
 

@@ -31,7 +31,7 @@ func (s *keyPerEntryStore) layout() Layout { return KeyPerEntry() }
 // channel, all under its hash tag.
 func (s *keyPerEntryStore) at(key string) (loc, error) {
 	e := s.keys.entry(key)
-	return loc{keys: []string{e, e + leaseSuffix, e + fenceSuffix}, layout: "k", channel: e + noticeSuffix}, nil
+	return loc{keys: []string{e, e + leaseSuffix, e + fenceSuffix}, layout: "k", chBase: e, chSuffix: noticeSuffix}, nil
 }
 
 func (s *keyPerEntryStore) noticeChannel(key string) string { return s.keys.notice(key) }

@@ -103,9 +103,10 @@ func (s *rawStore) at(key string) (loc, error) {
 		return loc{}, err
 	}
 	return loc{
-		keys:    []string{raw, base + rawLeaseSuffix, base + rawFenceSuffix, base + rawStampSuffix},
-		layout:  "r",
-		channel: base + rawNoticeSuffix,
+		keys:     []string{raw, base + rawLeaseSuffix, base + rawFenceSuffix, base + rawStampSuffix},
+		layout:   "r",
+		chBase:   base,
+		chSuffix: rawNoticeSuffix,
 	}, nil
 }
 

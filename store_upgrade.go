@@ -70,7 +70,7 @@ func (u *upgradingStore) get(ctx context.Context, key string) ([]byte, error) {
 // fence (arming failed) nothing is copied; the upgraded value is still
 // served.
 func (u *upgradingStore) getMany(ctx context.Context, keys []string) ([][]byte, error) {
-	out, err := u.store.getMany(ctx, keys)
+	out, err := getKeys(ctx, u.store, keys)
 	if err != nil {
 		return out, err
 	}
@@ -96,7 +96,7 @@ func (u *upgradingStore) getMany(ctx context.Context, keys []string) ([][]byte, 
 		if len(left) == 0 {
 			break
 		}
-		found, _ := o.st.getMany(ctx, pick(keys, left)) // a version that cannot be read is skipped
+		found, _ := getKeys(ctx, o.st, pick(keys, left)) // a version that cannot be read is skipped
 		var still []int
 		for j, i := range left {
 			env, ttl, ok := u.upgrade(ctx, o, keys[i], found, j, now)
