@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -226,10 +227,14 @@ func WithInvalidation(bus *Bus) Option {
 // its caches' local tiers read. It does not wait
 // for the subscription: until it is up, attached caches read through to
 // Redis; [Bus.Ready] waits for it. It returns an error wrapping
-// [ErrInvalidOption] for a bad option.
+// [ErrInvalidOption] for a bad option, and for a nil client, typed nils
+// such as (*redis.Client)(nil) included.
 func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
-	if client == nil {
-		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	if nilClient(client) {
+		// A typed nil would pass a plain nil check and panic later on the
+		// bus's own goroutine, where no caller can recover: refuse it here.
+		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got %s; pass a client from redis.NewClient, redis.NewClusterClient or redis.NewUniversalClient",
+			ErrInvalidOption, describeNil(client))
 	}
 	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth}
 	for _, opt := range opts {
@@ -273,6 +278,28 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		go b.runPubSub()
 	}
 	return b, nil
+}
+
+// nilClient reports whether c is unusable as a client: a nil interface, or
+// an interface holding a nil pointer (or other nil reference) of any type,
+// such as (*redis.Client)(nil), whose first command would panic.
+func nilClient(c redis.UniversalClient) bool {
+	if c == nil {
+		return true
+	}
+	switch v := reflect.ValueOf(c); v.Kind() {
+	case reflect.Pointer, reflect.Interface, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
+		return v.IsNil()
+	}
+	return false
+}
+
+// describeNil names what nilClient refused, for error messages.
+func describeNil(c redis.UniversalClient) string {
+	if c == nil {
+		return "nil"
+	}
+	return fmt.Sprintf("a nil %T", c)
 }
 
 // Ready waits until the bus is subscribed (pub/sub) or has caught up with

@@ -293,3 +293,30 @@ func TestPubSubSilentDeath(t *testing.T) {
 		}
 	})
 }
+
+// wrappedClient is a user's client wrapper held by value: not nil, though
+// its embedded interface is.
+type wrappedClient struct{ redis.UniversalClient }
+
+func TestNilClient(t *testing.T) {
+	var ptrToWrapper *wrappedClient
+	live := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	defer live.Close()
+	for _, c := range []struct {
+		name   string
+		client redis.UniversalClient
+		want   bool
+	}{
+		{"nil interface", nil, true},
+		{"*redis.Client", (*redis.Client)(nil), true},
+		{"*redis.ClusterClient", (*redis.ClusterClient)(nil), true},
+		{"*redis.Ring", (*redis.Ring)(nil), true},
+		{"nil pointer to a wrapper", ptrToWrapper, true},
+		{"wrapper value", wrappedClient{}, false},
+		{"live client", live, false},
+	} {
+		if got := nilClient(c.client); got != c.want {
+			t.Errorf("%s: nilClient = %v, want %v", c.name, got, c.want)
+		}
+	}
+}

@@ -554,6 +554,24 @@ func TestBusOptionErrors(t *testing.T) {
 	}
 }
 
+// TestNewBusRefusesTypedNilClients: a nil pointer of a client type passes
+// a plain nil check; NewBus must refuse it rather than start a goroutine
+// whose first command panics and kills the process.
+func TestNewBusRefusesTypedNilClients(t *testing.T) {
+	defer goleak.VerifyNone(t, leakOptions()...)
+	for name, client := range map[string]redis.UniversalClient{
+		"nil interface":        nil,
+		"*redis.Client":        (*redis.Client)(nil),
+		"*redis.ClusterClient": (*redis.ClusterClient)(nil),
+		"*redis.Ring":          (*redis.Ring)(nil),
+	} {
+		bus, err := layercache.NewBus(client)
+		if !errors.Is(err, layercache.ErrInvalidOption) || bus != nil {
+			t.Errorf("%s: NewBus = %v, %v; want ErrInvalidOption", name, bus, err)
+		}
+	}
+}
+
 // TestBusBacklogBecomesFlush: while a node cannot publish, its pending
 // invalidations pile up; past a bound they become a flush of the route,
 // which the other nodes apply once the node is back.
