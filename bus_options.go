@@ -73,11 +73,26 @@ func WithStream(name string, maxLen int64) BusOption {
 }
 
 // WithSecret authenticates bus messages with HMAC-SHA256 under secret, so
-// that a client allowed to PUBLISH (or XADD) cannot forge invalidations or
-// flushes. Messages without a valid tag are dropped and counted
-// ([BusStats].Forged). Every node must have the same secret of at least 16
-// bytes. A replayed genuine message can only drop keys again, which is
-// safe.
+// that a client allowed to PUBLISH (or XADD) can neither forge nor replay
+// invalidations or flushes. Every node must have the same secret of at
+// least 16 bytes.
+//
+// The MAC covers each message's sending time and its sender's sequence
+// number. Receivers drop, and count in [BusStats], messages without a
+// valid MAC (Forged), messages sent more than [BusReplayWindow] before
+// they arrived (Stale), and messages whose sequence number they have
+// applied already (Replays). What a captured message can still do: be
+// applied once more, within BusReplayWindow of its sending, by a node that
+// had not heard from its sender (one started since, or one that had to
+// forget it among more than 4096 senders heard from within the window).
+//
+// Rolling upgrades: nodes of releases before sequence numbers send
+// messages in the older format. With a secret they are still applied
+// within BusReplayWindow (their MAC covers the sending time, so they
+// cannot be replayed later), though within it they can be replayed, having
+// no sequence number. Those older nodes cannot read the new format: they
+// flush their local tiers at each message from an upgraded node until they
+// are upgraded too.
 func WithSecret(secret []byte) BusOption {
 	return func(c *busConfig) {
 		if len(secret) < 16 {

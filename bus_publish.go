@@ -190,7 +190,11 @@ func (b *Bus) runPublisher() {
 
 // send publishes items as one or more messages.
 func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
-	msgs := busmsg.Encode(b.node, time.Now().UnixMilli(), items, b.cfg.secret)
+	msgs := busmsg.Encode(busmsg.Message{Origin: b.node, SentAt: time.Now().UnixMilli(), Seq: b.seq, Items: items}, b.cfg.secret)
+	// Numbers are spent whether or not the send succeeds: a retry
+	// re-encodes under new ones, so receivers that got part of a failed
+	// send do not take the retry for a replay.
+	b.seq += uint64(len(msgs))
 	var err error
 	if b.cfg.stream == "" {
 		for _, m := range msgs {

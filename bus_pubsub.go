@@ -3,6 +3,7 @@ package layercache
 import (
 	"errors"
 	"net"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -68,7 +69,7 @@ func (b *Bus) runPubSub() {
 				b.stats.subscriptions.Add(1) // after the flush it caused
 			}
 		case *redis.Message:
-			b.handle([]byte(m.Payload))
+			b.handle([]byte(m.Payload), time.Now().UnixMilli())
 		}
 	}
 }

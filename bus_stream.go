@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -105,9 +106,13 @@ func (b *Bus) runStream() {
 
 // apply handles stream entries and returns the ID of the last one.
 func (b *Bus) apply(entries []redis.XMessage, lastID string) string {
+	now := time.Now().UnixMilli()
 	for _, e := range entries {
 		if s, ok := e.Values["m"].(string); ok {
-			b.handle([]byte(s))
+			// Judged by when Redis appended it, not by when this node
+			// reads it: a reader catching up on old entries applies
+			// them, while a captured message appended again is stale.
+			b.handle([]byte(s), streamEntryMs(e.ID, now))
 		} else {
 			b.stats.malformed.Add(1)
 		}

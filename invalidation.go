@@ -39,6 +39,24 @@ import (
 // The promise: no local read is staler than the invalidation lag, and never
 // staler than the local TTL, whatever happens to the connection.
 //
+// # Who can talk on the bus
+//
+// Messages only ever remove local copies, or make migrating caches re-read
+// their phase: none makes a node serve a value that is not in Redis.
+// Without [WithSecret], anyone who can PUBLISH to the channel (or XADD to
+// the stream) can make every node drop any key from its local tier, flush
+// one cache's local tier or (with a message the node cannot read) all of
+// them, and make migrating caches re-read their control key. That costs
+// Redis reads and hit ratio, not correctness, and remote flushes of one
+// cache are spaced out on each node (about 100ms apart; see
+// [BusStats].FlushesDeferred), so a flood of them cannot take a node's
+// CPU. It cannot silence a genuine node: sequence numbers are trusted only
+// when authenticated. With WithSecret it can do none of this; see there
+// for what a replayed message can still do. Whoever can write the stream's
+// key can also delete or trim it, or append an entry with the largest
+// possible ID, after which no XADD succeeds: restrict the channel and the
+// key with Redis ACLs.
+//
 // A Bus must be closed with [Bus.Close]; caches still attached then stop
 // serving local hits (their reads go to Redis).
 type Bus struct {
@@ -66,13 +84,21 @@ type Bus struct {
 	drained bool                // the publisher took its last batch: queue no more
 	kick    chan struct{}
 
+	// seq is the sequence number of the next message; only the
+	// publisher goroutine sends.
+	seq uint64
+	// replays is the receiving side's memory of sequence numbers; only
+	// the reader goroutine handles messages.
+	replays    replayGuard
+	flushLimit flushLimiter
+
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	stats     busCounters
 
-	logDown, logSend, logForged throttledLog
+	logDown, logSend, logForged, logStale, logReplay, logFlood throttledLog
 }
 
 // busTier is a local tier as the bus sees it, whatever its value type.
@@ -143,7 +169,10 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		upCh:    make(chan struct{}),
 		pending: make(map[string]*pendingRoute),
 		kick:    make(chan struct{}, 1),
+		seq:     1,
 	}
+	b.flushLimit.last = make(map[string]time.Time)
+	b.flushLimit.due = make(map[string]struct{})
 	if _, err := rand.Read(b.node[:]); err != nil {
 		return nil, fmt.Errorf("layercache: node id: %w", err)
 	}
@@ -236,6 +265,8 @@ func (b *Bus) Close() error {
 			notices.close()
 		}
 		b.wg.Wait()
+		// After the reader stopped: nothing defers a flush any more.
+		b.flushLimit.close()
 		b.clock.close()
 	})
 	return nil
@@ -370,17 +401,14 @@ func (b *Bus) markCurrent(flush bool) {
 // flushAll empties every local tier without changing whether hits are on.
 func (b *Bus) flushAll() {
 	b.mu.RLock()
-	for _, tiers := range b.routes {
-		for _, t := range tiers {
-			t.flush()
-		}
-	}
+	b.flushLocked(allRoutes)
 	b.mu.RUnlock()
-	b.stats.flushes.Add(1)
 }
 
-// handle applies one message from the channel or the stream.
-func (b *Bus) handle(payload []byte) {
+// handle applies one message from the channel or the stream, which
+// arrived at at (Unix ms; see BusReplayWindow for whose clock). Only the
+// reader goroutine calls it (the replay guard is its own).
+func (b *Bus) handle(payload []byte, at int64) {
 	m, err := busmsg.Decode(payload, b.cfg.secret)
 	switch {
 	case err == nil:
@@ -394,13 +422,19 @@ func (b *Bus) handle(payload []byte) {
 	default:
 		// Ours (and authentic, if there is a secret), but unreadable: a
 		// newer format or a bug. It may have carried invalidations, so
-		// the only safe reading is "anything may have changed".
+		// the only safe reading is "anything may have changed". Without
+		// a secret anyone can send one, hence the limit.
 		b.stats.malformed.Add(1)
-		b.flushAll()
+		b.mu.RLock()
+		b.remoteFlushLocked(allRoutes)
+		b.mu.RUnlock()
 		return
 	}
 	if m.Origin == b.node {
 		return // this node's tiers were invalidated when it published
+	}
+	if !b.admit(&m, at) {
+		return
 	}
 	b.stats.received.Add(1)
 	if lag := time.Now().UnixMilli() - m.SentAt; lag >= 0 {
@@ -415,13 +449,13 @@ func (b *Bus) handle(payload []byte) {
 			}
 			continue
 		}
+		if it.Kind == busmsg.KindFlush {
+			b.remoteFlushLocked(it.Route)
+			continue
+		}
 		b.stats.receivedKeys.Add(uint64(len(it.Keys)))
 		for _, t := range b.routes[it.Route] {
-			if it.Kind == busmsg.KindFlush {
-				t.flush()
-			} else {
-				t.remoteInvalidate(it.Keys)
-			}
+			t.remoteInvalidate(it.Keys)
 		}
 	}
 }
@@ -454,6 +488,19 @@ type BusStats struct {
 	// a reconnect or a backlog. Trimmed counts catch-ups that found unread
 	// entries trimmed away (each caused a flush).
 	Replayed, Trimmed uint64
+	// Stale counts messages dropped because they were sent more than
+	// [BusReplayWindow] before (or after) they arrived: replays of old
+	// messages, or nodes whose clocks disagree by more than the window.
+	// Replays counts authenticated messages dropped because their
+	// sender's sequence number had been applied already: a captured
+	// message sent again (see [WithSecret]). Neither is applied.
+	Stale, Replays uint64
+	// FlushesDeferred counts flushes asked for by other nodes (or by
+	// unreadable messages) that came within 100ms of the last one of the
+	// same cache here, and were applied together at the end of that
+	// interval rather than at once: many of them mean a node that keeps
+	// flushing, or someone forging flushes on a bus without a secret.
+	FlushesDeferred uint64
 	// LastLag is the time from the sending of the last message received
 	// to its arrival, by the two nodes' clocks (millisecond precision).
 	LastLag time.Duration
@@ -465,6 +512,8 @@ type busCounters struct {
 	forged, malformed          atomic.Uint64
 	subscriptions, disconnects atomic.Uint64
 	flushes, replayed, trimmed atomic.Uint64
+	stale, replays             atomic.Uint64
+	flushesDeferred            atomic.Uint64
 	lastLagMs                  atomic.Int64
 }
 
@@ -477,6 +526,7 @@ func (b *Bus) Stats() BusStats {
 		Forged: s.forged.Load(), Malformed: s.malformed.Load(),
 		Subscriptions: s.subscriptions.Load(), Disconnects: s.disconnects.Load(),
 		Flushes: s.flushes.Load(), Replayed: s.replayed.Load(), Trimmed: s.trimmed.Load(),
+		Stale: s.stale.Load(), Replays: s.replays.Load(), FlushesDeferred: s.flushesDeferred.Load(),
 		LastLag: time.Duration(s.lastLagMs.Load()) * time.Millisecond,
 	}
 }

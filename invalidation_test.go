@@ -323,7 +323,7 @@ func TestBusKillRace(t *testing.T) {
 // deployments do after their first write.
 func seedStream(t testing.TB, tgt *redistest.Target, stream string) {
 	t.Helper()
-	msg := busmsg.Encode([8]byte{1}, 0, []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}, nil)[0]
+	msg := busmsg.Encode(busmsg.Message{Origin: [8]byte{1}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}}, nil)[0]
 	if err := tgt.NewClient(t).XAdd(context.Background(), &redis.XAddArgs{Stream: stream, Values: []any{"m", msg}}).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -405,7 +405,7 @@ func TestBusStreamTrimmed(t *testing.T) {
 		// Another node floods the stream: with MAXLEN ~ 5, Redis trims
 		// whole nodes of 100 entries, so 300 entries trim a's away.
 		client := tgt.NewClient(t)
-		msg := busmsg.Encode([8]byte{9}, time.Now().UnixMilli(), []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: "elsewhere:v1", Keys: []string{"z"}}}, nil)[0]
+		msg := busmsg.Encode(busmsg.Message{Origin: [8]byte{9}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: "elsewhere:v1", Keys: []string{"z"}}}}, nil)[0]
 		_, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for range 300 {
 				p.XAdd(ctx, &redis.XAddArgs{Stream: stream, MaxLen: 5, Approx: true, Values: []any{"m", msg}})
@@ -455,8 +455,8 @@ func TestBusForgedDropped(t *testing.T) {
 		route := ns + ":" + layercache.DefaultVersion
 		items := []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: route, Keys: []string{"k"}}, {Kind: busmsg.KindFlush, Route: route}}
 		forged := [][]byte{
-			busmsg.Encode([8]byte{6, 6, 6}, 0, items, nil)[0],
-			busmsg.Encode([8]byte{6, 6, 6}, 0, items, []byte("the wrong secret, 32 bytes......"))[0],
+			busmsg.Encode(busmsg.Message{Origin: [8]byte{6, 6, 6}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: items}, nil)[0],
+			busmsg.Encode(busmsg.Message{Origin: [8]byte{6, 6, 6}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: items}, []byte("the wrong secret, 32 bytes......"))[0],
 		}
 		for _, m := range forged {
 			var err error

@@ -1,15 +1,27 @@
 // Package busmsg is the wire format of the messages layercache's invalidation
 // bus sends over Redis pub/sub or a Redis Stream. A message carries a batch
-// of items for one or more caches (routes) from one node:
+// of items for one or more caches (routes) from one node. Version 2, the one
+// Encode writes:
 //
 //	offset size field
 //	0      1    magic (0xB5)
-//	1      1    format version (1)
+//	1      1    format version (2)
 //	2      1    flags (FlagMAC)
 //	3      8    origin node id
-//	11     8    sent at, Unix milliseconds (for the lag metric only)
-//	19     -    items, up to the MAC
+//	11     8    sent at, Unix milliseconds by the sender's clock
+//	19     8    sequence number: per origin, one more for every message
+//	27     -    items, up to the MAC
 //	end-16 16   HMAC-SHA256(secret, everything before it), truncated; only with FlagMAC
+//
+// The sent-at time and the sequence number are inside the MAC, so that a
+// receiver with the secret can tell a replayed message from a new one: it
+// drops messages sent too long ago, and sequence numbers it has seen (the
+// bus does this; the format only carries what it needs).
+//
+// Version 1 is version 2 without the sequence number (items start at
+// offset 19). Decode still reads it and reports Version 1, so that the
+// receiver decides what an old node's message is worth: without a sequence
+// number it cannot be told from a replay within its time window.
 //
 // An item is a kind byte, a uvarint body length and the body, so a reader
 // skips kinds it does not know (newer writers may add some). Kinds:
@@ -34,11 +46,17 @@ const (
 	// Magic is the first byte of every message.
 	Magic byte = 0xB5
 	// Version is the format version this package writes.
-	Version byte = 1
+	Version byte = 2
+	// VersionNoSeq is the first format version, without a sequence
+	// number, which Decode still reads.
+	VersionNoSeq byte = 1
 	// FlagMAC marks a message that ends with a MAC.
 	FlagMAC byte = 1 << 0
-	// HeaderSize is the length of the fixed header.
-	HeaderSize = 19
+	// HeaderSize is the length of the fixed header of a Version message.
+	HeaderSize = 27
+	// HeaderSizeNoSeq is the length of the fixed header of a VersionNoSeq
+	// message, and the shortest message Decode looks into.
+	HeaderSizeNoSeq = 19
 	// MACSize is the length of the truncated HMAC-SHA256 tag.
 	MACSize = 16
 	// MaxSize bounds an encoded message; Encode splits larger batches.
@@ -74,7 +92,8 @@ var (
 	// ErrVersion: an authentic (or unauthenticated, when no secret is
 	// configured) message of a format version this package cannot read.
 	ErrVersion = errors.New("busmsg: unknown format version")
-	// ErrMalformed: a version-1 message whose items do not parse.
+	// ErrMalformed: a message of a known version whose header or items
+	// do not parse.
 	ErrMalformed = errors.New("busmsg: malformed message")
 )
 
@@ -85,19 +104,35 @@ type Item struct {
 	Keys  []string // KindInvalidate only
 }
 
-// Message is a decoded message.
+// Message is a message's header and items: what Encode sends and Decode
+// returns.
 type Message struct {
+	// Version is the format version Decode read (Version or
+	// VersionNoSeq); Encode ignores it and writes Version.
+	Version byte
+	// Origin is the sending node's id.
 	Origin [8]byte
-	SentAt int64 // Unix ms, by the sender's clock
-	Items  []Item
+	// SentAt is when the message was sent, Unix ms by the sender's clock.
+	SentAt int64
+	// Seq is the message's sequence number among its origin's messages
+	// (0 in a VersionNoSeq message). Encode numbers the messages it
+	// returns Seq, Seq+1, ...
+	Seq uint64
+	// Authentic is set by Decode when it checked the message's MAC
+	// against a secret.
+	Authentic bool
+	// Items are the instructions, in order.
+	Items []Item
 }
 
-// Encode returns items as one or more messages of at most MaxSize bytes
-// each (a single key longer than that is impossible: keys are bounded by
-// MaxKeyLen). With a non-empty secret every message carries a MAC.
-func Encode(origin [8]byte, sentAt int64, items []Item, secret []byte) [][]byte {
-	e := encoder{origin: origin, sentAt: sentAt, secret: secret}
-	for _, it := range items {
+// Encode returns m's items as one or more messages of at most MaxSize
+// bytes each (a single key longer than that is impossible: keys are bounded
+// by MaxKeyLen), numbered from m.Seq up: the caller's next sequence number
+// is m.Seq plus the number of messages returned. With a non-empty secret
+// every message carries a MAC over its header and items.
+func Encode(m Message, secret []byte) [][]byte {
+	e := encoder{origin: m.Origin, sentAt: m.SentAt, seq: m.Seq, secret: secret}
+	for _, it := range m.Items {
 		switch it.Kind {
 		case KindInvalidate:
 			e.invalidate(it.Route, it.Keys)
@@ -112,6 +147,7 @@ func Encode(origin [8]byte, sentAt int64, items []Item, secret []byte) [][]byte 
 type encoder struct {
 	origin [8]byte
 	sentAt int64
+	seq    uint64 // of the message being built
 	secret []byte
 	buf    []byte
 	out    [][]byte
@@ -136,6 +172,7 @@ func (e *encoder) start() {
 	}
 	copy(e.buf[3:11], e.origin[:])
 	binary.BigEndian.PutUint64(e.buf[11:19], uint64(e.sentAt))
+	binary.BigEndian.PutUint64(e.buf[19:27], e.seq)
 }
 
 func (e *encoder) finish() {
@@ -147,6 +184,7 @@ func (e *encoder) finish() {
 	}
 	e.out = append(e.out, e.buf)
 	e.buf = nil
+	e.seq++
 }
 
 // item appends a body-less item (flush, or future kinds) for route.
@@ -208,40 +246,55 @@ func Sum(secret, b []byte) []byte {
 	return m.Sum(nil)[:MACSize]
 }
 
-// Decode parses b. With a non-empty secret, a message without a valid MAC
-// is ErrForged whatever else it holds; the MAC is checked before anything
-// past the framing is read. Without a secret a MAC, if present, is skipped
-// unchecked. Decode never panics, whatever b holds.
+// Decode parses b, a message of Version or VersionNoSeq. With a non-empty
+// secret, a message without a valid MAC is ErrForged whatever else it
+// holds; the MAC is checked before anything past the framing is read, and
+// an authentic message comes back with Authentic set. Without a secret a
+// MAC, if present, is skipped unchecked. Decode never panics, whatever b
+// holds.
 func Decode(b []byte, secret []byte) (Message, error) {
 	var m Message
-	if len(b) < HeaderSize || b[0] != Magic {
+	if len(b) < HeaderSizeNoSeq || b[0] != Magic {
 		return m, ErrForeign
 	}
 	hasMAC := b[2]&FlagMAC != 0
 	if len(secret) > 0 {
-		if !hasMAC || len(b) < HeaderSize+MACSize {
+		if !hasMAC || len(b) < HeaderSizeNoSeq+MACSize {
 			return m, ErrForged
 		}
 		body, tag := b[:len(b)-MACSize], b[len(b)-MACSize:]
 		if !hmac.Equal(tag, Sum(secret, body)) {
 			return m, ErrForged
 		}
+		m.Authentic = true
 	}
-	if b[1] != Version {
-		return m, ErrVersion
+	header := HeaderSize
+	switch b[1] {
+	case Version:
+	case VersionNoSeq:
+		header = HeaderSizeNoSeq
+	default:
+		return Message{}, ErrVersion
 	}
 	if b[2]&^FlagMAC != 0 {
-		return m, ErrMalformed
+		return Message{}, ErrMalformed
 	}
 	if hasMAC {
-		if len(b) < HeaderSize+MACSize {
-			return m, ErrMalformed
+		if len(b) < header+MACSize {
+			return Message{}, ErrMalformed
 		}
 		b = b[:len(b)-MACSize]
 	}
+	if len(b) < header {
+		return Message{}, ErrMalformed
+	}
+	m.Version = b[1]
 	copy(m.Origin[:], b[3:11])
 	m.SentAt = int64(binary.BigEndian.Uint64(b[11:19]))
-	p := b[HeaderSize:]
+	if m.Version == Version {
+		m.Seq = binary.BigEndian.Uint64(b[19:27])
+	}
+	p := b[header:]
 	for len(p) > 0 {
 		kind := Kind(p[0])
 		bodyLen, n := binary.Uvarint(p[1:])
