@@ -22,6 +22,8 @@ type busConfig struct {
 	catchUpHook func()
 	// health is pubsubHealth; tests shorten it.
 	health time.Duration
+	// maxPending is maxPendingBytes; tests shorten it.
+	maxPending int
 }
 
 func (c *busConfig) fail(format string, args ...any) {

@@ -11,9 +11,25 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+// pendingRoute is what waits to be published for one route.
 type pendingRoute struct {
 	keys  []string
-	flush bool // too many keys piled up: flush the route instead
+	size  int  // pendingSize of keys
+	flush bool // the backlog outgrew its bound: flush the route instead
+}
+
+// pendingKeyOverhead is what the queue holds per key besides its bytes:
+// the string header in pendingRoute.keys.
+const pendingKeyOverhead = 16
+
+// pendingSize is what keys cost the queue, for the bound of
+// maxPendingBytes.
+func pendingSize(keys []string) int {
+	n := len(keys) * pendingKeyOverhead
+	for _, k := range keys {
+		n += len(k)
+	}
+	return n
 }
 
 // SetPhase moves the migration name to phase p, like the package-level
@@ -77,33 +93,57 @@ func (b *Bus) publish(route string, keys []string, from busTier) {
 			slog.String("route", route), slog.Int("keys", len(keys)))
 		return
 	}
-	b.enqueueLocked(route, keys, false)
+	overflow := b.enqueueLocked(route, keys, false)
 	b.pubMu.Unlock()
 	poke(b.kick)
+	if overflow {
+		b.logOverflow()
+	}
 }
 
-func (b *Bus) enqueueLocked(route string, keys []string, flush bool) {
+// enqueueLocked queues keys of route (or a flush of it) and reports
+// whether the queue outgrew b.cfg.maxPending, in which case every route's
+// keys were replaced by a flush of the route. Call it with b.pubMu held.
+//
+// However many keys one write hands over, they go out as keys: the
+// publisher takes the whole queue and Encode splits it into messages of
+// at most busmsg.MaxSize, so a bulk Delete reaches the other nodes as
+// batched key invalidations and costs them nothing else. Only a queue
+// that outgrows the bound, which takes Redis being unreachable for a
+// while (or one write of about a million keys), turns into flushes: the
+// same news in constant space, paid for by the other nodes' hit ratio.
+func (b *Bus) enqueueLocked(route string, keys []string, flush bool) (overflow bool) {
 	p := b.pending[route]
 	if p == nil {
 		p = &pendingRoute{}
 		b.pending[route] = p
 	}
 	if flush {
-		b.npend -= len(p.keys)
-		p.keys, p.flush = nil, true
+		b.pendSize -= p.size
+		p.keys, p.size, p.flush = nil, 0, true
 	}
 	if !p.flush {
+		n := pendingSize(keys)
 		p.keys = append(p.keys, keys...)
-		b.npend += len(keys)
+		p.size += n
+		b.pendSize += n
 	}
-	if b.npend > maxPendingKeys {
-		// Redis has been unreachable for a while: a flush per route
-		// says the same in constant space.
-		for _, p := range b.pending {
-			p.keys, p.flush = nil, true
-		}
-		b.npend = 0
+	if b.pendSize <= b.cfg.maxPending {
+		return false
 	}
+	for _, p := range b.pending {
+		p.keys, p.size, p.flush = nil, 0, true
+	}
+	b.pendSize = 0
+	b.stats.backlogFlushes.Add(1)
+	return true
+}
+
+// logOverflow reports a backlog replaced by flushes. Called without
+// pubMu: a slow log handler must not hold up writers.
+func (b *Bus) logOverflow() {
+	b.logBacklog.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidations waiting to be published outgrew their bound; other nodes will flush the caches concerned instead",
+		slog.Int("bound_bytes", b.cfg.maxPending), slog.Uint64("send_errors", b.stats.sendErrors.Load()))
 }
 
 // takePending empties the queue into message items.
@@ -126,21 +166,27 @@ func (b *Bus) takePending() []busmsg.Item {
 		}
 	}
 	clear(b.pending)
-	b.npend = 0
+	b.pendSize = 0
 	return items
 }
 
 // requeue puts items whose publish failed back in front of newer ones.
 // Order does not matter: invalidations commute.
 func (b *Bus) requeue(items []busmsg.Item) {
+	overflow := false
 	b.pubMu.Lock()
-	defer b.pubMu.Unlock()
 	for _, it := range items {
 		if it.Kind == busmsg.KindPhase {
 			b.phased[it.Route] = struct{}{}
 			continue
 		}
-		b.enqueueLocked(it.Route, it.Keys, it.Kind == busmsg.KindFlush)
+		if b.enqueueLocked(it.Route, it.Keys, it.Kind == busmsg.KindFlush) {
+			overflow = true
+		}
+	}
+	b.pubMu.Unlock()
+	if overflow {
+		b.logOverflow()
 	}
 }
 
@@ -188,6 +234,19 @@ func (b *Bus) runPublisher() {
 	}
 }
 
+// post sends m on c (the client, or a pipeline that queues it): PUBLISH,
+// or XADD in stream mode.
+func (b *Bus) post(ctx context.Context, c redis.Cmdable, m []byte) redis.Cmder {
+	if b.cfg.stream == "" {
+		return c.Publish(ctx, b.cfg.channel, m)
+	}
+	return c.XAdd(ctx, &redis.XAddArgs{Stream: b.cfg.stream, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{"m", m}})
+}
+
+// sendBatch is the most messages (of up to busmsg.MaxSize each) one
+// pipeline carries.
+const sendBatch = 64
+
 // send publishes items as one or more messages.
 func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
 	msgs := busmsg.Encode(busmsg.Message{Origin: b.node, SentAt: time.Now().UnixMilli(), Seq: b.seq, Items: items}, b.cfg.secret)
@@ -195,25 +254,33 @@ func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
 	// re-encodes under new ones, so receivers that got part of a failed
 	// send do not take the retry for a replay.
 	b.seq += uint64(len(msgs))
-	var err error
-	if b.cfg.stream == "" {
-		for _, m := range msgs {
-			if err = b.client.Publish(ctx, b.cfg.channel, m).Err(); err != nil {
-				break
-			}
+	if len(msgs) == 1 {
+		if err := b.post(ctx, b.client, msgs[0]).Err(); err != nil {
+			return err
 		}
-	} else {
+		b.stats.sent.Add(1)
+		msgs = nil
+	}
+	// A bulk write's messages go out pipelined, sendBatch at a time: one
+	// round trip per batch rather than per message, and no single write
+	// of more than a few MiB to time out.
+	var err error
+	for len(msgs) > 0 && err == nil {
+		n := min(len(msgs), sendBatch)
 		_, err = b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, m := range msgs {
-				p.XAdd(ctx, &redis.XAddArgs{Stream: b.cfg.stream, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{"m", m}})
+			for _, m := range msgs[:n] {
+				b.post(ctx, p, m)
 			}
 			return nil
 		})
+		if err == nil {
+			b.stats.sent.Add(uint64(n))
+		}
+		msgs = msgs[n:]
 	}
 	if err != nil {
 		return err
 	}
-	b.stats.sent.Add(uint64(len(msgs)))
 	for _, it := range items {
 		b.stats.sentKeys.Add(uint64(len(it.Keys)))
 	}

@@ -77,12 +77,12 @@ type Bus struct {
 	closed  bool
 	ps      *redis.PubSub // the live subscription, closed by Close to unblock the reader
 
-	pubMu   sync.Mutex
-	pending map[string]*pendingRoute
-	npend   int
-	phased  map[string]struct{} // migrations whose phase change is to be announced
-	drained bool                // the publisher took its last batch: queue no more
-	kick    chan struct{}
+	pubMu    sync.Mutex
+	pending  map[string]*pendingRoute
+	pendSize int                 // sum of the routes' sizes
+	phased   map[string]struct{} // migrations whose phase change is to be announced
+	drained  bool                // the publisher took its last batch: queue no more
+	kick     chan struct{}
 
 	// seq is the sequence number of the next message; only the
 	// publisher goroutine sends.
@@ -98,7 +98,7 @@ type Bus struct {
 	closeOnce sync.Once
 	stats     busCounters
 
-	logDown, logSend, logForged, logStale, logReplay, logFlood throttledLog
+	logDown, logSend, logForged, logStale, logReplay, logFlood, logBacklog throttledLog
 }
 
 // busTier is a local tier as the bus sees it, whatever its value type.
@@ -122,10 +122,12 @@ const (
 	// streamBatch is the most entries one XREAD asks for (less when the
 	// stream's MAXLEN is smaller; see runStream).
 	streamBatch = 128
-	// maxPendingKeys bounds the keys waiting to be published. Past it,
-	// the routes' keys are replaced by route flushes: memory stays bounded
-	// when Redis is unreachable for long, at the price of hit ratio.
-	maxPendingKeys = 8192
+	// maxPendingBytes bounds the invalidations waiting to be published,
+	// counting each key as its length plus pendingKeyOverhead: about a
+	// million typical keys. Past it, the routes' keys are replaced by
+	// route flushes (see enqueueLocked): memory stays bounded when Redis
+	// is unreachable for long, at the price of hit ratio.
+	maxPendingBytes = 32 << 20
 	// closeFlushTimeout bounds Close's last attempt to publish what is
 	// pending.
 	closeFlushTimeout = 2 * time.Second
@@ -146,7 +148,7 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got %s; pass a client from redis.NewClient, redis.NewClusterClient or redis.NewUniversalClient",
 			ErrInvalidOption, describeNil(client))
 	}
-	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth}
+	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth, maxPending: maxPendingBytes}
 	for _, opt := range opts {
 		if opt == nil {
 			cfg.fail("nil BusOption passed to NewBus")
@@ -453,10 +455,10 @@ func (b *Bus) handle(payload []byte, at int64) {
 			b.remoteFlushLocked(it.Route)
 			continue
 		}
-		b.stats.receivedKeys.Add(uint64(len(it.Keys)))
 		for _, t := range b.routes[it.Route] {
 			t.remoteInvalidate(it.Keys)
 		}
+		b.stats.receivedKeys.Add(uint64(len(it.Keys))) // once applied: tests wait on it
 	}
 }
 
@@ -495,6 +497,13 @@ type BusStats struct {
 	// sender's sequence number had been applied already: a captured
 	// message sent again (see [WithSecret]). Neither is applied.
 	Stale, Replays uint64
+	// BacklogFlushes counts times the invalidations waiting to be
+	// published outgrew their bound (32 MiB; Redis unreachable for long
+	// while writes went on) and were replaced by flushes of the caches
+	// they were for, which every other node applies once delivered. Bulk
+	// writes and deletes are not a backlog: however many keys they have,
+	// they go out as batched key invalidations.
+	BacklogFlushes uint64
 	// FlushesDeferred counts flushes asked for by other nodes (or by
 	// unreadable messages) that came within 100ms of the last one of the
 	// same cache here, and were applied together at the end of that
@@ -514,6 +523,7 @@ type busCounters struct {
 	flushes, replayed, trimmed atomic.Uint64
 	stale, replays             atomic.Uint64
 	flushesDeferred            atomic.Uint64
+	backlogFlushes             atomic.Uint64
 	lastLagMs                  atomic.Int64
 }
 
@@ -526,7 +536,8 @@ func (b *Bus) Stats() BusStats {
 		Forged: s.forged.Load(), Malformed: s.malformed.Load(),
 		Subscriptions: s.subscriptions.Load(), Disconnects: s.disconnects.Load(),
 		Flushes: s.flushes.Load(), Replayed: s.replayed.Load(), Trimmed: s.trimmed.Load(),
-		Stale: s.stale.Load(), Replays: s.replays.Load(), FlushesDeferred: s.flushesDeferred.Load(),
+		Stale: s.stale.Load(), Replays: s.replays.Load(),
+		FlushesDeferred: s.flushesDeferred.Load(), BacklogFlushes: s.backlogFlushes.Load(),
 		LastLag: time.Duration(s.lastLagMs.Load()) * time.Millisecond,
 	}
 }
