@@ -69,7 +69,7 @@ func (b *Bus) runPubSub() {
 				b.stats.subscriptions.Add(1) // after the flush it caused
 			}
 		case *redis.Message:
-			b.handle([]byte(m.Payload), time.Now().UnixMilli())
+			b.handle(m.Payload, time.Now().UnixMilli())
 		}
 	}
 }

@@ -112,7 +112,7 @@ func (b *Bus) apply(entries []redis.XMessage, lastID string) string {
 			// Judged by when Redis appended it, not by when this node
 			// reads it: a reader catching up on old entries applies
 			// them, while a captured message appended again is stale.
-			b.handle([]byte(s), streamEntryMs(e.ID, now))
+			b.handle(s, streamEntryMs(e.ID, now))
 		} else {
 			b.stats.malformed.Add(1)
 		}

@@ -410,8 +410,10 @@ func (b *Bus) flushAll() {
 // handle applies one message from the channel or the stream, which
 // arrived at at (Unix ms; see BusReplayWindow for whose clock). Only the
 // reader goroutine calls it (the replay guard is its own).
-func (b *Bus) handle(payload []byte, at int64) {
-	m, err := busmsg.Decode(payload, b.cfg.secret)
+func (b *Bus) handle(payload string, at int64) {
+	// Decoded in place: the keys are substrings of the payload go-redis
+	// read, not one allocation each.
+	m, err := busmsg.DecodeString(payload, b.cfg.secret)
 	switch {
 	case err == nil:
 	case errors.Is(err, busmsg.ErrForged):

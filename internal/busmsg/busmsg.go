@@ -251,53 +251,61 @@ func Sum(secret, b []byte) []byte {
 // holds; the MAC is checked before anything past the framing is read, and
 // an authentic message comes back with Authentic set. Without a secret a
 // MAC, if present, is skipped unchecked. Decode never panics, whatever b
-// holds.
+// holds. It copies b once; the strings of the result share that copy.
 func Decode(b []byte, secret []byte) (Message, error) {
+	return DecodeString(string(b), secret)
+}
+
+// DecodeString is Decode of a message held in a string, as go-redis
+// returns pub/sub payloads and stream fields. The routes and keys of the
+// result are substrings of s: decoding a message of a thousand keys costs
+// a few allocations, not a thousand.
+func DecodeString(s string, secret []byte) (Message, error) {
 	var m Message
-	if len(b) < HeaderSizeNoSeq || b[0] != Magic {
+	if len(s) < HeaderSizeNoSeq || s[0] != Magic {
 		return m, ErrForeign
 	}
-	hasMAC := b[2]&FlagMAC != 0
+	hasMAC := s[2]&FlagMAC != 0
 	if len(secret) > 0 {
-		if !hasMAC || len(b) < HeaderSizeNoSeq+MACSize {
+		if !hasMAC || len(s) < HeaderSizeNoSeq+MACSize {
 			return m, ErrForged
 		}
-		body, tag := b[:len(b)-MACSize], b[len(b)-MACSize:]
-		if !hmac.Equal(tag, Sum(secret, body)) {
+		body, tag := s[:len(s)-MACSize], s[len(s)-MACSize:]
+		if !hmac.Equal([]byte(tag), Sum(secret, []byte(body))) {
 			return m, ErrForged
 		}
 		m.Authentic = true
 	}
 	header := HeaderSize
-	switch b[1] {
+	switch s[1] {
 	case Version:
 	case VersionNoSeq:
 		header = HeaderSizeNoSeq
 	default:
 		return Message{}, ErrVersion
 	}
-	if b[2]&^FlagMAC != 0 {
+	if s[2]&^FlagMAC != 0 {
 		return Message{}, ErrMalformed
 	}
 	if hasMAC {
-		if len(b) < header+MACSize {
+		if len(s) < header+MACSize {
 			return Message{}, ErrMalformed
 		}
-		b = b[:len(b)-MACSize]
+		s = s[:len(s)-MACSize]
 	}
-	if len(b) < header {
+	if len(s) < header {
 		return Message{}, ErrMalformed
 	}
-	m.Version = b[1]
-	copy(m.Origin[:], b[3:11])
-	m.SentAt = int64(binary.BigEndian.Uint64(b[11:19]))
+	m.Version = s[1]
+	copy(m.Origin[:], s[3:11])
+	m.SentAt = int64(bigEndian64(s[11:19]))
 	if m.Version == Version {
-		m.Seq = binary.BigEndian.Uint64(b[19:27])
+		m.Seq = bigEndian64(s[19:27])
 	}
-	p := b[header:]
+	p := s[header:]
 	for len(p) > 0 {
 		kind := Kind(p[0])
-		bodyLen, n := binary.Uvarint(p[1:])
+		bodyLen, n := uvarint(p[1:])
 		if n <= 0 || bodyLen > uint64(len(p)-1-n) {
 			return m, ErrMalformed
 		}
@@ -318,6 +326,7 @@ func Decode(b []byte, secret []byte) (Message, error) {
 			m.Items = append(m.Items, it)
 			continue
 		}
+		it.Keys = make([]string, 0, countFields(rest))
 		for len(rest) > 0 {
 			var k string
 			if k, rest, ok = field(rest, MaxKeyLen); !ok || k == "" {
@@ -334,12 +343,55 @@ func Decode(b []byte, secret []byte) (Message, error) {
 }
 
 // field reads a uvarint-length-prefixed string of at most max bytes.
-func field(b []byte, max int) (string, []byte, bool) {
-	l, n := binary.Uvarint(b)
-	if n <= 0 || l > uint64(max) || l > uint64(len(b)-n) {
-		return "", nil, false
+func field(s string, max int) (string, string, bool) {
+	l, n := uvarint(s)
+	if n <= 0 || l > uint64(max) || l > uint64(len(s)-n) {
+		return "", "", false
 	}
-	return string(b[n : n+int(l)]), b[n+int(l):], true
+	return s[n : n+int(l)], s[n+int(l):], true
+}
+
+// countFields counts the length-prefixed fields in s, up to the first
+// that does not parse (field reports it), to size the keys' slice.
+func countFields(s string) int {
+	n := 0
+	for len(s) > 0 {
+		l, w := uvarint(s)
+		if w <= 0 || l > uint64(len(s)-w) {
+			break
+		}
+		s = s[w+int(l):]
+		n++
+	}
+	return n
+}
+
+// uvarint is binary.Uvarint of a string.
+func uvarint(s string) (uint64, int) {
+	var x uint64
+	var shift uint
+	for i := 0; i < len(s); i++ {
+		if i == binary.MaxVarintLen64 {
+			return 0, -(i + 1) // overflow
+		}
+		b := s[i]
+		if b < 0x80 {
+			if i == binary.MaxVarintLen64-1 && b > 1 {
+				return 0, -(i + 1) // overflow
+			}
+			return x | uint64(b)<<shift, i + 1
+		}
+		x |= uint64(b&0x7f) << shift
+		shift += 7
+	}
+	return 0, 0
+}
+
+// bigEndian64 is binary.BigEndian.Uint64 of an 8-byte string.
+func bigEndian64(s string) uint64 {
+	_ = s[7]
+	return uint64(s[7]) | uint64(s[6])<<8 | uint64(s[5])<<16 | uint64(s[4])<<24 |
+		uint64(s[3])<<32 | uint64(s[2])<<40 | uint64(s[1])<<48 | uint64(s[0])<<56
 }
 
 func uvarintLen(n int) int {

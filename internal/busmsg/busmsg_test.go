@@ -217,12 +217,26 @@ func FuzzDecode(f *testing.F) {
 	f.Add(noSeq(Encode(Message{Origin: origin, SentAt: 1, Items: flush}, secret)[0], secret), true)
 	f.Add([]byte{Magic, Version, 0}, false)
 	f.Add([]byte{Magic, VersionNoSeq, 0}, false)
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}, false) // the largest uvarint
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02}, false) // overflows
 	f.Fuzz(func(t *testing.T, b []byte, withSecret bool) {
 		var s []byte
 		if withSecret {
 			s = secret
 		}
+		// The string parser agrees with the stdlib's on every prefix it
+		// reads.
+		if x, n := uvarint(string(b)); true {
+			wx, wn := binary.Uvarint(b)
+			if x != wx || n != wn {
+				t.Fatalf("uvarint(%x) = %d, %d; binary.Uvarint = %d, %d", b, x, n, wx, wn)
+			}
+		}
 		m, err := Decode(b, s)
+		m2, err2 := DecodeString(string(b), s)
+		if !errors.Is(err2, err) || (err == nil && !reflect.DeepEqual(m, m2)) {
+			t.Fatalf("Decode = %+v, %v; DecodeString = %+v, %v", m, err, m2, err2)
+		}
 		if err != nil {
 			return
 		}
