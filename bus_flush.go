@@ -2,6 +2,7 @@ package layercache
 
 import (
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 )
@@ -49,6 +50,9 @@ func (b *Bus) remoteFlushLocked(route string) {
 		// route that a forger names would grow without bound.
 		return
 	}
+	// The route may be a substring of a 32 KiB payload (see
+	// busmsg.DecodeString): the maps below must not keep that alive.
+	route = strings.Clone(route)
 	f := &b.flushLimit
 	now := time.Now()
 	f.mu.Lock()

@@ -18,7 +18,10 @@ import (
 // replayed, and how much the clocks of the nodes (and, in stream mode, of
 // the Redis server) may disagree: keep them within it with NTP. A stream
 // reader that catches up on old entries is not affected, since it compares
-// each message with its own entry's time.
+// each message with its own entry's time. A pub/sub reader is: a process
+// that stalls for longer than the window (a paused VM) with messages
+// waiting in its socket drops them when it wakes, and its local TTL then
+// bounds how stale its local reads may be, as for any lost message.
 const BusReplayWindow = 30 * time.Second
 
 const (
@@ -52,7 +55,7 @@ func freshAt(sentAt, at int64) bool {
 func (b *Bus) admit(m *busmsg.Message, at int64) bool {
 	if !freshAt(m.SentAt, at) {
 		b.stats.stale.Add(1)
-		b.logStale.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a bus message sent outside the replay window: a replay, or clocks further apart than the window (check NTP on every node and on Redis)",
+		b.logStale.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a bus message sent outside the replay window: a replay, clocks further apart than the window (check NTP on every node and on Redis), or this process stalled for longer",
 			slog.String("origin", fmt.Sprintf("%x", m.Origin)), slog.Duration("age", time.Duration(at-m.SentAt)*time.Millisecond),
 			slog.Duration("window", BusReplayWindow))
 		return false

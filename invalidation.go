@@ -472,12 +472,14 @@ type BusStats struct {
 	// invalidations they carried. SendErrors counts failed attempts, each
 	// retried.
 	Sent, SentKeys, SendErrors uint64
-	// Received counts messages from other nodes; ReceivedKeys the key
+	// Received counts messages from other nodes that were applied (not
+	// dropped as Forged, Malformed, Stale or Replays); ReceivedKeys the key
 	// invalidations in them.
 	Received, ReceivedKeys uint64
 	// Forged counts messages dropped because they failed authentication
 	// (see WithSecret). Malformed counts messages that were not bus
-	// messages (ignored) or could not be read (each caused a flush).
+	// messages (ignored) or could not be read (each caused a flush of
+	// every local tier, spaced out as FlushesDeferred says).
 	Forged, Malformed uint64
 	// Subscriptions counts pub/sub subscriptions made, the first one
 	// included; each later one followed a lost connection and flushed the
