@@ -6,9 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
+	"reflect"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +39,24 @@ import (
 // The promise: no local read is staler than the invalidation lag, and never
 // staler than the local TTL, whatever happens to the connection.
 //
+// # Who can talk on the bus
+//
+// Messages only ever remove local copies, or make migrating caches re-read
+// their phase: none makes a node serve a value that is not in Redis.
+// Without [WithSecret], anyone who can PUBLISH to the channel (or XADD to
+// the stream) can make every node drop any key from its local tier, flush
+// one cache's local tier or (with a message the node cannot read) all of
+// them, and make migrating caches re-read their control key. That costs
+// Redis reads and hit ratio, not correctness, and remote flushes of one
+// cache are spaced out on each node (about 100ms apart; see
+// [BusStats].FlushesDeferred), so a flood of them cannot take a node's
+// CPU. It cannot silence a genuine node: sequence numbers are trusted only
+// when authenticated. With WithSecret it can do none of this; see there
+// for what a replayed message can still do. Whoever can write the stream's
+// key can also delete or trim it, or append an entry with the largest
+// possible ID, after which no XADD succeeds: restrict the channel and the
+// key with Redis ACLs.
+//
 // A Bus must be closed with [Bus.Close]; caches still attached then stop
 // serving local hits (their reads go to Redis).
 type Bus struct {
@@ -60,12 +77,20 @@ type Bus struct {
 	closed  bool
 	ps      *redis.PubSub // the live subscription, closed by Close to unblock the reader
 
-	pubMu   sync.Mutex
-	pending map[string]*pendingRoute
-	npend   int
-	phased  map[string]struct{} // migrations whose phase change is to be announced
-	drained bool                // the publisher took its last batch: queue no more
-	kick    chan struct{}
+	pubMu    sync.Mutex
+	pending  map[string]*pendingRoute
+	pendSize int                 // sum of the routes' sizes
+	phased   map[string]struct{} // migrations whose phase change is to be announced
+	drained  bool                // the publisher took its last batch: queue no more
+	kick     chan struct{}
+
+	// seq is the sequence number of the next message; only the
+	// publisher goroutine sends.
+	seq uint64
+	// replays is the receiving side's memory of sequence numbers; only
+	// the reader goroutine handles messages.
+	replays    replayGuard
+	flushLimit flushLimiter
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
@@ -73,7 +98,7 @@ type Bus struct {
 	closeOnce sync.Once
 	stats     busCounters
 
-	logDown, logSend, logForged throttledLog
+	logDown, logSend, logForged, logStale, logReplay, logFlood, logBacklog throttledLog
 }
 
 // busTier is a local tier as the bus sees it, whatever its value type.
@@ -83,37 +108,6 @@ type busTier interface {
 	flush()
 	setUp(bool)
 }
-
-type pendingRoute struct {
-	keys  []string
-	flush bool // too many keys piled up: flush the route instead
-}
-
-// BusOption configures a [Bus].
-type BusOption func(*busConfig)
-
-type busConfig struct {
-	channel string
-	stream  string // stream mode when not empty
-	maxLen  int64
-	secret  []byte
-	logger  *slog.Logger
-	errs    []error
-
-	// catchUpHook, for tests, runs after each batch a stream reader
-	// applies while catching up, before it decides whether it is current.
-	catchUpHook func()
-	// health is pubsubHealth; tests shorten it.
-	health time.Duration
-}
-
-func (c *busConfig) fail(format string, args ...any) {
-	c.errs = append(c.errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
-}
-
-// DefaultBusChannel is the pub/sub channel a [Bus] uses unless
-// [WithChannel] names another.
-const DefaultBusChannel = "layercache:invalidation"
 
 // Tuning of the bus. Not options: they are about the connection, not about
 // what a user wants from the cache.
@@ -128,104 +122,16 @@ const (
 	// streamBatch is the most entries one XREAD asks for (less when the
 	// stream's MAXLEN is smaller; see runStream).
 	streamBatch = 128
-	// maxPendingKeys bounds the keys waiting to be published. Past it,
-	// the routes' keys are replaced by route flushes: memory stays bounded
-	// when Redis is unreachable for long, at the price of hit ratio.
-	maxPendingKeys = 8192
+	// maxPendingBytes bounds the invalidations waiting to be published,
+	// counting each key as its length plus pendingKeyOverhead: about a
+	// million typical keys. Past it, the routes' keys are replaced by
+	// route flushes (see enqueueLocked): memory stays bounded when Redis
+	// is unreachable for long, at the price of hit ratio.
+	maxPendingBytes = 32 << 20
 	// closeFlushTimeout bounds Close's last attempt to publish what is
 	// pending.
 	closeFlushTimeout = 2 * time.Second
 )
-
-// WithChannel sets the pub/sub channel of the bus. Every node of a
-// deployment must use the same one; unrelated deployments sharing a Redis
-// use different ones. The default is [DefaultBusChannel]. On a Redis
-// Cluster, PUBLISH reaches subscribers on every node.
-func WithChannel(name string) BusOption {
-	return func(c *busConfig) {
-		if name == "" {
-			c.fail("WithChannel(\"\"): give a channel name")
-			return
-		}
-		c.channel = name
-	}
-}
-
-// WithStream makes the bus durable: invalidations are appended to the Redis
-// Stream at key name (XADD ... MAXLEN ~ maxLen) instead of published, and
-// each node reads the stream from the last entry it saw. After a reconnect
-// a node replays what it missed instead of flushing its local tiers; it
-// flushes only if entries it had not read were trimmed away; and while it
-// catches up on a backlog its local hits are off (reads go to Redis).
-//
-// maxLen must be positive and the same on every node: it bounds the
-// stream's memory, and how long a node may be away and still replay rather
-// than flush. Each node polls the stream with XREAD BLOCK; an idle node
-// sends about five commands a second. On a Redis Cluster the stream lives
-// in the slot of name, so one node carries all bus traffic.
-func WithStream(name string, maxLen int64) BusOption {
-	return func(c *busConfig) {
-		if name == "" {
-			c.fail("WithStream(\"\", %d): give the stream's key", maxLen)
-			return
-		}
-		if maxLen <= 0 {
-			c.fail("WithStream(%q, %d): maxLen must be positive", name, maxLen)
-			return
-		}
-		c.stream, c.maxLen = name, maxLen
-	}
-}
-
-// WithSecret authenticates bus messages with HMAC-SHA256 under secret, so
-// that a client allowed to PUBLISH (or XADD) cannot forge invalidations or
-// flushes. Messages without a valid tag are dropped and counted
-// ([BusStats].Forged). Every node must have the same secret of at least 16
-// bytes. A replayed genuine message can only drop keys again, which is
-// safe.
-func WithSecret(secret []byte) BusOption {
-	return func(c *busConfig) {
-		if len(secret) < 16 {
-			c.fail("WithSecret: the secret has %d bytes; use at least 16 random bytes", len(secret))
-			return
-		}
-		c.secret = append([]byte(nil), secret...)
-	}
-}
-
-// WithBusLogger sets where the bus logs connection losses, trimmed
-// streams, forged messages and publish failures. The default is
-// slog.Default().
-func WithBusLogger(logger *slog.Logger) BusOption {
-	return func(c *busConfig) {
-		if logger == nil {
-			c.fail("WithBusLogger(nil): pass a *slog.Logger")
-			return
-		}
-		c.logger = logger
-	}
-}
-
-// WithInvalidation attaches the cache to bus: its Set and Delete publish
-// invalidations of the keys, and messages from other nodes drop keys from
-// its local tier ([WithLocal]). A cache without a local tier only publishes.
-// Caches are routed by namespace and version, so any number may share a
-// bus. Attaching does no I/O.
-//
-// The bus also carries what the process's caches hear from other nodes
-// besides invalidations: migration phase announcements ([Bus.SetPhase]),
-// and, for caches built on the bus's own client with [WithLocks], lease
-// fill notices, so that a process keeps one notice subscription for all
-// its caches rather than one per cache.
-func WithInvalidation(bus *Bus) Option {
-	return func(c *config) {
-		if bus == nil {
-			c.fail("WithInvalidation(nil): pass a *Bus from NewBus")
-			return
-		}
-		c.bus = bus
-	}
-}
 
 // NewBus returns a Bus over client (a *redis.Client, *redis.ClusterClient,
 // or any redis.UniversalClient) and starts its goroutines: one that
@@ -233,12 +139,16 @@ func WithInvalidation(bus *Bus) Option {
 // its caches' local tiers read. It does not wait
 // for the subscription: until it is up, attached caches read through to
 // Redis; [Bus.Ready] waits for it. It returns an error wrapping
-// [ErrInvalidOption] for a bad option.
+// [ErrInvalidOption] for a bad option, and for a nil client, typed nils
+// such as (*redis.Client)(nil) included.
 func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
-	if client == nil {
-		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	if nilClient(client) {
+		// A typed nil would pass a plain nil check and panic later on the
+		// bus's own goroutine, where no caller can recover: refuse it here.
+		return nil, fmt.Errorf("%w: NewBus needs a redis.UniversalClient, got %s; pass a client from redis.NewClient, redis.NewClusterClient or redis.NewUniversalClient",
+			ErrInvalidOption, describeNil(client))
 	}
-	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth}
+	cfg := busConfig{channel: DefaultBusChannel, health: pubsubHealth, maxPending: maxPendingBytes}
 	for _, opt := range opts {
 		if opt == nil {
 			cfg.fail("nil BusOption passed to NewBus")
@@ -261,7 +171,10 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		upCh:    make(chan struct{}),
 		pending: make(map[string]*pendingRoute),
 		kick:    make(chan struct{}, 1),
+		seq:     1,
 	}
+	b.flushLimit.last = make(map[string]time.Time)
+	b.flushLimit.due = make(map[string]struct{})
 	if _, err := rand.Read(b.node[:]); err != nil {
 		return nil, fmt.Errorf("layercache: node id: %w", err)
 	}
@@ -280,6 +193,28 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		go b.runPubSub()
 	}
 	return b, nil
+}
+
+// nilClient reports whether c is unusable as a client: a nil interface, or
+// an interface holding a nil pointer (or other nil reference) of any type,
+// such as (*redis.Client)(nil), whose first command would panic.
+func nilClient(c redis.UniversalClient) bool {
+	if c == nil {
+		return true
+	}
+	switch v := reflect.ValueOf(c); v.Kind() {
+	case reflect.Pointer, reflect.Interface, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
+		return v.IsNil()
+	}
+	return false
+}
+
+// describeNil names what nilClient refused, for error messages.
+func describeNil(c redis.UniversalClient) string {
+	if c == nil {
+		return "nil"
+	}
+	return fmt.Sprintf("a nil %T", c)
 }
 
 // Ready waits until the bus is subscribed (pub/sub) or has caught up with
@@ -332,6 +267,8 @@ func (b *Bus) Close() error {
 			notices.close()
 		}
 		b.wg.Wait()
+		// After the reader stopped: nothing defers a flush any more.
+		b.flushLimit.close()
 		b.clock.close()
 	})
 	return nil
@@ -416,206 +353,6 @@ func poke(ch chan<- struct{}) {
 	}
 }
 
-// SetPhase moves the migration name to phase p, like the package-level
-// [SetPhase], and announces the change on the bus: every cache of that
-// migration attached to a bus on the same channel or stream re-reads the
-// control key at once, instead of at its next poll (up to about half a
-// second later). The control key stays the only source of truth; the
-// announcement carries no phase, so a lost one only means the poll decides.
-// It returns once the control key is written; the announcement is sent in
-// the background like invalidations.
-func (b *Bus) SetPhase(ctx context.Context, name string, p Phase) error {
-	if b.ctx.Err() != nil {
-		return fmt.Errorf("%w: Bus.SetPhase on a closed Bus", ErrClosed)
-	}
-	if err := SetPhase(ctx, b.client, name, p); err != nil {
-		return err
-	}
-	b.mu.RLock()
-	for _, m := range b.phases[name] {
-		m.notify() // this process hears nothing of its own messages
-	}
-	b.mu.RUnlock()
-	b.pubMu.Lock()
-	if b.drained {
-		// Close took the last batch during the control-key write: the
-		// other nodes see the phase at their next poll.
-		b.pubMu.Unlock()
-		return nil
-	}
-	b.phased[name] = struct{}{}
-	b.pubMu.Unlock()
-	poke(b.kick)
-	return nil
-}
-
-// publish drops keys from the other local tiers of route in this process
-// at once, and queues them for the other nodes. from (the writer's own
-// tier, which it invalidated itself) is skipped.
-func (b *Bus) publish(route string, keys []string, from busTier) {
-	if b.ctx.Err() != nil {
-		return // closed: the attached tiers are off, other nodes have their TTL
-	}
-	b.mu.RLock()
-	var others []string // a copy for them: keys handed to an interface escape, and Set's slice need not
-	for _, t := range b.routes[route] {
-		if t != from {
-			if others == nil {
-				others = slices.Clone(keys)
-			}
-			t.invalidate(others)
-		}
-	}
-	b.mu.RUnlock()
-
-	b.pubMu.Lock()
-	if b.drained {
-		// Close passed the check above and took the last batch already:
-		// queueing would lose the keys without a word.
-		b.pubMu.Unlock()
-		b.logSend.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidation after the bus closed; other nodes rely on their local TTL",
-			slog.String("route", route), slog.Int("keys", len(keys)))
-		return
-	}
-	b.enqueueLocked(route, keys, false)
-	b.pubMu.Unlock()
-	poke(b.kick)
-}
-
-func (b *Bus) enqueueLocked(route string, keys []string, flush bool) {
-	p := b.pending[route]
-	if p == nil {
-		p = &pendingRoute{}
-		b.pending[route] = p
-	}
-	if flush {
-		b.npend -= len(p.keys)
-		p.keys, p.flush = nil, true
-	}
-	if !p.flush {
-		p.keys = append(p.keys, keys...)
-		b.npend += len(keys)
-	}
-	if b.npend > maxPendingKeys {
-		// Redis has been unreachable for a while: a flush per route
-		// says the same in constant space.
-		for _, p := range b.pending {
-			p.keys, p.flush = nil, true
-		}
-		b.npend = 0
-	}
-}
-
-// takePending empties the queue into message items.
-func (b *Bus) takePending() []busmsg.Item {
-	b.pubMu.Lock()
-	defer b.pubMu.Unlock()
-	if len(b.pending) == 0 && len(b.phased) == 0 {
-		return nil
-	}
-	items := make([]busmsg.Item, 0, len(b.pending)+len(b.phased))
-	for name := range b.phased {
-		items = append(items, busmsg.Item{Kind: busmsg.KindPhase, Route: name})
-	}
-	clear(b.phased)
-	for route, p := range b.pending {
-		if p.flush {
-			items = append(items, busmsg.Item{Kind: busmsg.KindFlush, Route: route})
-		} else {
-			items = append(items, busmsg.Item{Kind: busmsg.KindInvalidate, Route: route, Keys: p.keys})
-		}
-	}
-	clear(b.pending)
-	b.npend = 0
-	return items
-}
-
-// requeue puts items whose publish failed back in front of newer ones.
-// Order does not matter: invalidations commute.
-func (b *Bus) requeue(items []busmsg.Item) {
-	b.pubMu.Lock()
-	defer b.pubMu.Unlock()
-	for _, it := range items {
-		if it.Kind == busmsg.KindPhase {
-			b.phased[it.Route] = struct{}{}
-			continue
-		}
-		b.enqueueLocked(it.Route, it.Keys, it.Kind == busmsg.KindFlush)
-	}
-}
-
-// runPublisher sends what is queued, one batch at a time: whatever piles
-// up while a publish is in flight goes out together in the next one.
-func (b *Bus) runPublisher() {
-	defer b.wg.Done()
-	var bo backoff
-	for {
-		select {
-		case <-b.kick:
-		case <-b.ctx.Done():
-			ctx, cancel := context.WithTimeout(context.Background(), closeFlushTimeout)
-			b.pubMu.Lock()
-			b.drained = true // with the take below, nothing queued is left behind
-			b.pubMu.Unlock()
-			if items := b.takePending(); items != nil {
-				if err := b.send(ctx, items); err != nil {
-					b.log.LogAttrs(ctx, slog.LevelWarn, "layercache: bus closed with invalidations unsent; other nodes rely on their local TTL",
-						slog.Any("err", err))
-				}
-			}
-			cancel()
-			return
-		}
-		for {
-			items := b.takePending()
-			if items == nil {
-				break
-			}
-			if err := b.send(b.ctx, items); err != nil {
-				b.stats.sendErrors.Add(1)
-				b.requeue(items)
-				if b.ctx.Err() != nil {
-					break // Close sends what is left
-				}
-				b.logSend.log(b.ctx, b.log, slog.LevelWarn, "layercache: publishing invalidations failed; retrying", slog.Any("err", err))
-				if !bo.wait(b.ctx) {
-					break
-				}
-				continue
-			}
-			bo.reset()
-		}
-	}
-}
-
-// send publishes items as one or more messages.
-func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
-	msgs := busmsg.Encode(b.node, time.Now().UnixMilli(), items, b.cfg.secret)
-	var err error
-	if b.cfg.stream == "" {
-		for _, m := range msgs {
-			if err = b.client.Publish(ctx, b.cfg.channel, m).Err(); err != nil {
-				break
-			}
-		}
-	} else {
-		_, err = b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, m := range msgs {
-				p.XAdd(ctx, &redis.XAddArgs{Stream: b.cfg.stream, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{"m", m}})
-			}
-			return nil
-		})
-	}
-	if err != nil {
-		return err
-	}
-	b.stats.sent.Add(uint64(len(msgs)))
-	for _, it := range items {
-		b.stats.sentKeys.Add(uint64(len(it.Keys)))
-	}
-	return nil
-}
-
 // setDown turns local hits off: the node may be missing messages.
 func (b *Bus) setDown(reason error) {
 	b.mu.Lock()
@@ -666,18 +403,17 @@ func (b *Bus) markCurrent(flush bool) {
 // flushAll empties every local tier without changing whether hits are on.
 func (b *Bus) flushAll() {
 	b.mu.RLock()
-	for _, tiers := range b.routes {
-		for _, t := range tiers {
-			t.flush()
-		}
-	}
+	b.flushLocked(allRoutes)
 	b.mu.RUnlock()
-	b.stats.flushes.Add(1)
 }
 
-// handle applies one message from the channel or the stream.
-func (b *Bus) handle(payload []byte) {
-	m, err := busmsg.Decode(payload, b.cfg.secret)
+// handle applies one message from the channel or the stream, which
+// arrived at at (Unix ms; see BusReplayWindow for whose clock). Only the
+// reader goroutine calls it (the replay guard is its own).
+func (b *Bus) handle(payload string, at int64) {
+	// Decoded in place: the keys are substrings of the payload go-redis
+	// read, not one allocation each.
+	m, err := busmsg.DecodeString(payload, b.cfg.secret)
 	switch {
 	case err == nil:
 	case errors.Is(err, busmsg.ErrForged):
@@ -690,13 +426,19 @@ func (b *Bus) handle(payload []byte) {
 	default:
 		// Ours (and authentic, if there is a secret), but unreadable: a
 		// newer format or a bug. It may have carried invalidations, so
-		// the only safe reading is "anything may have changed".
+		// the only safe reading is "anything may have changed". Without
+		// a secret anyone can send one, hence the limit.
 		b.stats.malformed.Add(1)
-		b.flushAll()
+		b.mu.RLock()
+		b.remoteFlushLocked(allRoutes)
+		b.mu.RUnlock()
 		return
 	}
 	if m.Origin == b.node {
 		return // this node's tiers were invalidated when it published
+	}
+	if !b.admit(&m, at) {
+		return
 	}
 	b.stats.received.Add(1)
 	if lag := time.Now().UnixMilli() - m.SentAt; lag >= 0 {
@@ -711,302 +453,16 @@ func (b *Bus) handle(payload []byte) {
 			}
 			continue
 		}
-		b.stats.receivedKeys.Add(uint64(len(it.Keys)))
+		if it.Kind == busmsg.KindFlush {
+			b.remoteFlushLocked(it.Route)
+			continue
+		}
 		for _, t := range b.routes[it.Route] {
-			if it.Kind == busmsg.KindFlush {
-				t.flush()
-			} else {
-				t.remoteInvalidate(it.Keys)
-			}
+			t.remoteInvalidate(it.Keys)
 		}
+		b.stats.receivedKeys.Add(uint64(len(it.Keys))) // once applied: tests wait on it
 	}
 }
-
-// runPubSub keeps a subscription to the channel. go-redis reconnects and
-// resubscribes by itself after a broken connection; every subscription
-// confirmation it reads is a (re)subscription, after which messages may
-// have been lost, so it flushes the local tiers then turns hits on.
-func (b *Bus) runPubSub() {
-	defer b.wg.Done()
-	var (
-		ps       *redis.PubSub
-		bo       backoff
-		pingSent bool
-	)
-	defer func() {
-		if ps != nil {
-			_ = ps.Close()
-		}
-	}()
-	for b.ctx.Err() == nil {
-		if ps == nil {
-			ps = b.client.Subscribe(b.ctx, b.cfg.channel)
-			if !b.setPubSub(ps) {
-				return
-			}
-			pingSent = false
-		}
-		msg, err := ps.ReceiveTimeout(b.ctx, b.cfg.health)
-		if err != nil {
-			if b.ctx.Err() != nil {
-				return
-			}
-			if isTimeout(err) {
-				if pingSent {
-					// Neither a message nor the pong: the connection is
-					// dead even if TCP has not said so. Start afresh.
-					b.setDown(err)
-					_ = ps.Close()
-					ps = nil
-					continue
-				}
-				if err := ps.Ping(b.ctx); err != nil {
-					b.setDown(err)
-				}
-				pingSent = true
-				continue
-			}
-			// go-redis has dropped the connection and will dial again
-			// (and resubscribe) on the next receive.
-			b.setDown(err)
-			if !bo.wait(b.ctx) {
-				return
-			}
-			continue
-		}
-		bo.reset()
-		pingSent = false
-		switch m := msg.(type) {
-		case *redis.Subscription:
-			if m.Kind == "subscribe" && m.Channel == b.cfg.channel {
-				b.markCurrent(true)
-				b.stats.subscriptions.Add(1) // after the flush it caused
-			}
-		case *redis.Message:
-			b.handle([]byte(m.Payload))
-		}
-	}
-}
-
-// setPubSub records the live subscription so Close can close it; it
-// reports false (and closes ps) if the bus is already closed.
-func (b *Bus) setPubSub(ps *redis.PubSub) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		_ = ps.Close()
-		return false
-	}
-	b.ps = ps
-	return true
-}
-
-// runStream reads the stream from the last entry this node saw.
-//
-// Blocking reads are made only while the node is current, and they ask for
-// at most min(streamBatch, MAXLEN) entries. A short answer then proves that
-// nothing after the last-seen entry was trimmed: trimming leaves at least
-// MAXLEN entries, so had it removed any unread one, every entry left would
-// be unread and the read would come back full. A full answer, an error or
-// a start means the node may be behind: hits go off, and it catches up with
-// reads that check for trimmed entries (catchUp) until a short one.
-func (b *Bus) runStream() {
-	defer b.wg.Done()
-	count := min(int64(streamBatch), b.cfg.maxLen)
-	var (
-		bo      backoff
-		lastID  string // "" until known
-		current bool
-	)
-	fail := func(err error) bool {
-		current = false
-		b.setDown(err)
-		return bo.wait(b.ctx)
-	}
-	for b.ctx.Err() == nil {
-		if lastID == "" {
-			// Start at the end: the local tiers start empty, so there is
-			// nothing older to apply.
-			id, err := b.streamTail()
-			if err != nil {
-				if !fail(err) {
-					return
-				}
-				continue
-			}
-			lastID = id
-		}
-		if !current {
-			entries, next, lost, err := b.catchUp(lastID, count)
-			if err != nil {
-				if !fail(err) {
-					return
-				}
-				continue
-			}
-			bo.reset()
-			if lost {
-				b.stats.trimmed.Add(1)
-				b.log.LogAttrs(b.ctx, slog.LevelWarn, "layercache: invalidations were trimmed from the stream before this node read them; local tiers flushed",
-					slog.String("last_seen", lastID), slog.Int64("maxlen", b.cfg.maxLen))
-				b.flushAll()
-				lastID = next
-				continue
-			}
-			b.stats.replayed.Add(uint64(len(entries)))
-			lastID = b.apply(entries, lastID)
-			if b.cfg.catchUpHook != nil {
-				b.cfg.catchUpHook()
-			}
-			if int64(len(entries)) < count {
-				current = true
-				b.markCurrent(false)
-			}
-			continue
-		}
-		res, err := b.client.XRead(b.ctx, &redis.XReadArgs{
-			Streams: []string{b.cfg.stream, lastID},
-			Count:   count,
-			Block:   streamBlock,
-		}).Result()
-		if errors.Is(err, redis.Nil) {
-			continue // nothing new within streamBlock
-		}
-		if err != nil {
-			if b.ctx.Err() != nil {
-				return
-			}
-			if !fail(err) {
-				return
-			}
-			continue
-		}
-		var entries []redis.XMessage
-		if len(res) > 0 {
-			entries = res[0].Messages
-		}
-		if int64(len(entries)) >= count {
-			// Possibly behind, possibly trimmed past: drop this answer
-			// and read again from lastID with the trim check.
-			current = false
-			b.setDown(errors.New("stream backlog"))
-			continue
-		}
-		lastID = b.apply(entries, lastID)
-	}
-}
-
-// apply handles stream entries and returns the ID of the last one.
-func (b *Bus) apply(entries []redis.XMessage, lastID string) string {
-	for _, e := range entries {
-		if s, ok := e.Values["m"].(string); ok {
-			b.handle([]byte(s))
-		} else {
-			b.stats.malformed.Add(1)
-		}
-		lastID = e.ID
-	}
-	return lastID
-}
-
-// streamTail returns the ID of the stream's last entry, or "0-0".
-func (b *Bus) streamTail() (string, error) {
-	last, err := b.client.XRevRangeN(b.ctx, b.cfg.stream, "+", "-", 1).Result()
-	if err != nil {
-		return "", err
-	}
-	if len(last) == 0 {
-		return "0-0", nil
-	}
-	return last[0].ID, nil
-}
-
-// catchUp reads up to count entries after lastID and tells whether entries
-// after lastID were removed before this node read them (lost). When lost,
-// next is where to go on from after flushing: the stream's last generated
-// ID (a flush now covers every entry up to it).
-//
-// The read and the check that lastID's entry still exists run in one
-// MULTI: if it exists, nothing after it was trimmed (trimming removes from
-// the head). If it is gone, XINFO STREAM's max-deleted-entry-id (Redis 7)
-// tells whether the deletions stopped exactly at it; otherwise (entries
-// after it deleted, the stream recreated, or an older server that does not
-// say) the node assumes the worst.
-func (b *Bus) catchUp(lastID string, count int64) (entries []redis.XMessage, next string, lost bool, err error) {
-	ctx := b.ctx
-	key := b.cfg.stream
-	var exists *redis.XMessageSliceCmd
-	var read *redis.XStreamSliceCmd
-	_, err = b.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		if lastID != "0-0" {
-			exists = p.XRangeN(ctx, key, lastID, lastID, 1)
-		}
-		read = p.XRead(ctx, &redis.XReadArgs{Streams: []string{key, lastID}, Count: count, Block: -1})
-		return nil
-	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, "", false, err
-	}
-	if err := read.Err(); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, "", false, err
-	}
-	if res := read.Val(); len(res) > 0 {
-		entries = res[0].Messages
-	}
-	if exists != nil {
-		if err := exists.Err(); err != nil {
-			return nil, "", false, err
-		}
-		if len(exists.Val()) == 1 {
-			return entries, "", false, nil
-		}
-	}
-	info, err := b.client.XInfoStream(ctx, key).Result()
-	if err != nil {
-		if !isNoSuchKey(err) {
-			return nil, "", false, err
-		}
-		if lastID == "0-0" {
-			return entries, "", false, nil // never written, nothing missed
-		}
-		return nil, "0-0", true, nil // the stream was deleted
-	}
-	if info.MaxDeletedEntryID == lastID {
-		return entries, "", false, nil
-	}
-	if lastID == "0-0" && info.MaxDeletedEntryID == "" && len(entries) == 0 && info.Length == 0 {
-		// An empty stream on a server that does not report deletions:
-		// buses never trim to empty (MAXLEN >= 1), so take it as unwritten
-		// rather than flush every time an idle node reconnects.
-		return entries, "", false, nil
-	}
-	return nil, info.LastGeneratedID, true, nil
-}
-
-func isNoSuchKey(err error) bool { return strings.Contains(err.Error(), "no such key") }
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// backoff spaces out retries: 10ms, doubling up to a second.
-type backoff struct{ d time.Duration }
-
-// wait sleeps for the next delay; false if ctx ended first.
-func (bo *backoff) wait(ctx context.Context) bool {
-	bo.d = min(max(2*bo.d, 10*time.Millisecond), time.Second)
-	t := time.NewTimer(bo.d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-func (bo *backoff) reset() { bo.d = 0 }
 
 // BusStats is a snapshot of a [Bus]'s counters since [NewBus]. Counters
 // only grow. Per-cache figures (local hits, bypasses, flushes, keys sent
@@ -1016,12 +472,14 @@ type BusStats struct {
 	// invalidations they carried. SendErrors counts failed attempts, each
 	// retried.
 	Sent, SentKeys, SendErrors uint64
-	// Received counts messages from other nodes; ReceivedKeys the key
+	// Received counts messages from other nodes that were applied (not
+	// dropped as Forged, Malformed, Stale or Replays); ReceivedKeys the key
 	// invalidations in them.
 	Received, ReceivedKeys uint64
 	// Forged counts messages dropped because they failed authentication
 	// (see WithSecret). Malformed counts messages that were not bus
-	// messages (ignored) or could not be read (each caused a flush).
+	// messages (ignored) or could not be read (each caused a flush of
+	// every local tier, spaced out as FlushesDeferred says).
 	Forged, Malformed uint64
 	// Subscriptions counts pub/sub subscriptions made, the first one
 	// included; each later one followed a lost connection and flushed the
@@ -1036,6 +494,26 @@ type BusStats struct {
 	// a reconnect or a backlog. Trimmed counts catch-ups that found unread
 	// entries trimmed away (each caused a flush).
 	Replayed, Trimmed uint64
+	// Stale counts messages dropped because they were sent more than
+	// [BusReplayWindow] before (or after) they arrived: replays of old
+	// messages, or nodes whose clocks disagree by more than the window.
+	// Replays counts authenticated messages dropped because their
+	// sender's sequence number had been applied already: a captured
+	// message sent again (see [WithSecret]). Neither is applied.
+	Stale, Replays uint64
+	// BacklogFlushes counts times the invalidations waiting to be
+	// published outgrew their bound (32 MiB; Redis unreachable for long
+	// while writes went on) and were replaced by flushes of the caches
+	// they were for, which every other node applies once delivered. Bulk
+	// writes and deletes are not a backlog: however many keys they have,
+	// they go out as batched key invalidations.
+	BacklogFlushes uint64
+	// FlushesDeferred counts flushes asked for by other nodes (or by
+	// unreadable messages) that came within 100ms of the last one of the
+	// same cache here, and were applied together at the end of that
+	// interval rather than at once: many of them mean a node that keeps
+	// flushing, or someone forging flushes on a bus without a secret.
+	FlushesDeferred uint64
 	// LastLag is the time from the sending of the last message received
 	// to its arrival, by the two nodes' clocks (millisecond precision).
 	LastLag time.Duration
@@ -1047,6 +525,9 @@ type busCounters struct {
 	forged, malformed          atomic.Uint64
 	subscriptions, disconnects atomic.Uint64
 	flushes, replayed, trimmed atomic.Uint64
+	stale, replays             atomic.Uint64
+	flushesDeferred            atomic.Uint64
+	backlogFlushes             atomic.Uint64
 	lastLagMs                  atomic.Int64
 }
 
@@ -1059,6 +540,8 @@ func (b *Bus) Stats() BusStats {
 		Forged: s.forged.Load(), Malformed: s.malformed.Load(),
 		Subscriptions: s.subscriptions.Load(), Disconnects: s.disconnects.Load(),
 		Flushes: s.flushes.Load(), Replayed: s.replayed.Load(), Trimmed: s.trimmed.Load(),
+		Stale: s.stale.Load(), Replays: s.replays.Load(),
+		FlushesDeferred: s.flushesDeferred.Load(), BacklogFlushes: s.backlogFlushes.Load(),
 		LastLag: time.Duration(s.lastLagMs.Load()) * time.Millisecond,
 	}
 }

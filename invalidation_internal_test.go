@@ -14,6 +14,7 @@ import (
 	"github.com/layercache/layercache/internal/busmsg"
 	"github.com/layercache/layercache/internal/redistest"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
 )
 
 // TestStreamCatchUpBypassesLocal checks, from inside the reader, that local
@@ -57,7 +58,7 @@ func TestStreamCatchUpBypassesLocal(t *testing.T) {
 			}
 		}
 		// An existing stream, as in TestBusStreamReplay (see seedStream).
-		seed := busmsg.Encode([8]byte{1}, 0, []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}, nil)[0]
+		seed := busmsg.Encode(busmsg.Message{Origin: [8]byte{1}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}}, nil)[0]
 		if err := tgt.NewClient(t).XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []any{"m", seed}}).Err(); err != nil {
 			t.Fatal(err)
 		}
@@ -98,7 +99,7 @@ func TestStreamCatchUpBypassesLocal(t *testing.T) {
 		}
 		before := batches.Load()
 		other := tgt.NewClient(t)
-		msg := busmsg.Encode([8]byte{7}, 0, []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: ns + ":v1", Keys: []string{"cold"}}}, nil)[0]
+		msg := busmsg.Encode(busmsg.Message{Origin: [8]byte{7}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: ns + ":v1", Keys: []string{"cold"}}}}, nil)[0]
 		if _, err := other.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for range 3 * streamBatch {
 				p.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []any{"m", msg}})
@@ -292,4 +293,197 @@ func TestPubSubSilentDeath(t *testing.T) {
 			}
 		}
 	})
+}
+
+// wrappedClient is a user's client wrapper held by value: not nil, though
+// its embedded interface is.
+type wrappedClient struct{ redis.UniversalClient }
+
+func TestNilClient(t *testing.T) {
+	var ptrToWrapper *wrappedClient
+	live := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	defer live.Close()
+	for _, c := range []struct {
+		name   string
+		client redis.UniversalClient
+		want   bool
+	}{
+		{"nil interface", nil, true},
+		{"*redis.Client", (*redis.Client)(nil), true},
+		{"*redis.ClusterClient", (*redis.ClusterClient)(nil), true},
+		{"*redis.Ring", (*redis.Ring)(nil), true},
+		{"nil pointer to a wrapper", ptrToWrapper, true},
+		{"wrapper value", wrappedClient{}, false},
+		{"live client", live, false},
+	} {
+		if got := nilClient(c.client); got != c.want {
+			t.Errorf("%s: nilClient = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+func TestSenderWindow(t *testing.T) {
+	type step struct {
+		seq  uint64
+		want bool
+	}
+	for name, steps := range map[string][]step{
+		"in order":             {{1, true}, {2, true}, {3, true}},
+		"repeat":               {{1, true}, {1, false}, {2, true}, {1, false}, {2, false}},
+		"reordered":            {{5, true}, {3, true}, {4, true}, {3, false}, {4, false}, {5, false}, {6, true}},
+		"gap then fill":        {{1, true}, {40, true}, {2, true}, {39, true}, {2, false}},
+		"edge of the window":   {{100, true}, {100 - seqWindow + 1, true}, {100 - seqWindow, false}},
+		"jump past the window": {{1, true}, {2 + seqWindow, true}, {3, true}, {2, false}, {2 + seqWindow, false}},
+		"far behind":           {{1 << 40, true}, {1, false}},
+	} {
+		g := &replayGuard{}
+		for i, s := range steps {
+			if got := g.admit([8]byte{1}, s.seq, 0, 0); got != s.want {
+				t.Errorf("%s: step %d (seq %d): admit = %v, want %v", name, i, s.seq, got, s.want)
+			}
+		}
+	}
+}
+
+// TestReplayGuardBounded: the guard keeps at most maxSenders senders,
+// forgetting first those whose messages freshAt refuses anyway.
+func TestReplayGuardBounded(t *testing.T) {
+	g := &replayGuard{}
+	id := func(i int) [8]byte { return [8]byte{byte(i), byte(i >> 8), byte(i >> 16), 1} }
+	const now = int64(10_000_000)
+	// Half the senders were last heard from before the window.
+	for i := range maxSenders {
+		sentAt := now + int64(i)
+		if i%2 == 0 {
+			sentAt = now - replayWindowMs - 1
+		}
+		g.admit(id(i), 7, sentAt, sentAt)
+	}
+	g.admit(id(maxSenders), 1, now+maxSenders, now+maxSenders)
+	if n := len(g.senders); n != maxSenders/2+1 {
+		t.Fatalf("%d senders after an eviction, want the %d recent ones and the new one", n, maxSenders/2)
+	}
+	// A recent sender is still remembered: its repeat is refused.
+	if g.admit(id(1), 7, now, now) {
+		t.Fatal("a recent sender was forgotten")
+	}
+	// All recent: the one heard from longest ago goes.
+	for i := maxSenders + 1; len(g.senders) < maxSenders; i++ {
+		g.admit(id(i), 1, now+int64(i), now+int64(i))
+	}
+	at := now + 2*maxSenders // every sender within the window of it
+	g.admit(id(1<<20), 1, at, at)
+	if n := len(g.senders); n != maxSenders {
+		t.Fatalf("%d senders, bound %d", n, maxSenders)
+	}
+	if _, ok := g.senders[id(1)]; ok {
+		t.Fatal("the oldest sender was kept")
+	}
+}
+
+func TestFreshAndStreamTimes(t *testing.T) {
+	for _, c := range []struct {
+		sentAt, at int64
+		want       bool
+	}{
+		{1000, 1000, true},
+		{1000, 1000 + replayWindowMs, true},
+		{1000, 1001 + replayWindowMs, false},
+		{1000 + replayWindowMs, 1000, true},
+		{1001 + replayWindowMs, 1000, false},
+	} {
+		if got := freshAt(c.sentAt, c.at); got != c.want {
+			t.Errorf("freshAt(%d, %d) = %v", c.sentAt, c.at, got)
+		}
+	}
+	const now = 5000
+	for id, want := range map[string]int64{
+		"4000-0":                 4000,
+		"4999-12":                4999,
+		"9999999999999-0":        now, // a future ID proves nothing: the receiver's clock decides
+		"18446744073709551615-0": now,
+		"garbage":                now,
+	} {
+		if got := streamEntryMs(id, now); got != want {
+			t.Errorf("streamEntryMs(%q) = %d, want %d", id, got, want)
+		}
+	}
+}
+
+// flushCounter is a local tier that counts flushes.
+type flushCounter struct{ n atomic.Int32 }
+
+func (f *flushCounter) invalidate([]string)       {}
+func (f *flushCounter) remoteInvalidate([]string) {}
+func (f *flushCounter) flush()                    { f.n.Add(1) }
+func (f *flushCounter) setUp(bool)                {}
+
+// TestRemoteFlushesSpacedOut: remote flushes of one route within
+// remoteFlushInterval of each other are deferred and applied together,
+// none is lost, and Close waits for (or cancels) a deferred one.
+func TestRemoteFlushesSpacedOut(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) }) // last: after the server's cleanup
+	client := redistest.Miniredis(t).NewClient(t)
+	bus, err := NewBus(client, WithBusLogger(slog.New(slog.DiscardHandler)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := bus.Ready(ready); err != nil { // the subscription's flush is behind us
+		t.Fatal(err)
+	}
+	tier, other := &flushCounter{}, &flushCounter{}
+	if err := bus.attach("r:v1", tier); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.attach("s:v1", other); err != nil {
+		t.Fatal(err)
+	}
+	remote := func(route string) {
+		bus.mu.RLock()
+		bus.remoteFlushLocked(route)
+		bus.mu.RUnlock()
+	}
+	start := time.Now()
+	for range 100 {
+		remote("r:v1")
+	}
+	remote("s:v1")
+	remote("nobody:v1") // no tier: nothing remembered
+	if time.Since(start) < remoteFlushInterval {
+		if n := tier.n.Load(); n != 1 {
+			t.Fatalf("%d flushes applied at once, want 1", n)
+		}
+		if d := bus.Stats().FlushesDeferred; d != 99 {
+			t.Fatalf("%d deferred, want 99", d)
+		}
+	}
+	if other.n.Load() != 1 {
+		t.Fatal("another route's flush was held back")
+	}
+	for deadline := time.Now().Add(5 * time.Second); tier.n.Load() != 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d flushes: the deferred ones were not applied", tier.n.Load())
+		}
+	}
+	bus.flushLimit.mu.Lock()
+	_, remembered := bus.flushLimit.last["nobody:v1"]
+	bus.flushLimit.mu.Unlock()
+	if remembered {
+		t.Fatal("a route without tiers was remembered")
+	}
+	// A deferred flush pending at Close is dropped, and Close waits for a
+	// timer already under way: nothing touches the tier afterwards.
+	remote("r:v1")
+	remote("r:v1")
+	_ = bus.Close()
+	n := tier.n.Load()
+	// Not waiting for things to settle: proving that a timer set for one
+	// interval never fires takes letting that interval pass.
+	time.Sleep(2 * remoteFlushInterval)
+	if tier.n.Load() != n {
+		t.Fatal("a deferred flush ran after Close")
+	}
 }

@@ -103,6 +103,12 @@ func runBus(t *testing.T, fn func(t *testing.T, tgt *redistest.Target, mode busM
 
 func newNode(t testing.TB, tgt *redistest.Target, ns string, busOpts []layercache.BusOption, opts ...layercache.Option) *node {
 	t.Helper()
+	return newNodeOn(t, tgt, tgt.NewClient(t), ns, busOpts, opts...)
+}
+
+// newNodeOn is newNode with the cache on client.
+func newNodeOn(t testing.TB, tgt *redistest.Target, client redis.UniversalClient, ns string, busOpts []layercache.BusOption, opts ...layercache.Option) *node {
+	t.Helper()
 	f := &netFault{}
 	busClient := tgt.NewClientOpts(t, func(o *redis.UniversalOptions) { o.Dialer = f.dial })
 	bus, err := layercache.NewBus(busClient, append([]layercache.BusOption{layercache.WithBusLogger(quiet)}, busOpts...)...)
@@ -114,7 +120,7 @@ func newNode(t testing.TB, tgt *redistest.Target, ns string, busOpts []layercach
 	// it stopped because of the bus, not because the copy expired.
 	opts = append([]layercache.Option{layercache.WithNamespace(ns), layercache.WithLocal(1000, time.Hour),
 		layercache.WithInvalidation(bus)}, opts...)
-	c, err := layercache.New[string](tgt.NewClient(t), append([]layercache.Option{layercache.WithLogger(quiet)}, opts...)...)
+	c, err := layercache.New[string](client, append([]layercache.Option{layercache.WithLogger(quiet)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,28 +215,6 @@ func TestBusSameProcess(t *testing.T) {
 	}
 }
 
-// TestBusBatches: many keys go out in few, bounded messages.
-func TestBusBatches(t *testing.T) {
-	runBus(t, func(t *testing.T, tgt *redistest.Target, mode busMode) {
-		ns := redistest.Namespace(t)
-		a := newNode(t, tgt, ns, mode.opts(ns))
-		b := newNode(t, tgt, ns, mode.opts(ns))
-		keys := make([]string, 3000)
-		for i := range keys {
-			keys[i] = fmt.Sprintf("key-%05d-%s", i, ns)
-		}
-		if err := a.cache.Delete(context.Background(), keys...); err != nil {
-			t.Fatal(err)
-		}
-		eventually(t, "all keys sent and received", func() bool {
-			return a.bus.Stats().SentKeys == uint64(len(keys)) && b.bus.Stats().ReceivedKeys == uint64(len(keys))
-		})
-		if st := a.bus.Stats(); st.Sent > 4 || st.SentKeys != uint64(len(keys)) {
-			t.Fatalf("%d keys went out as %d messages: %+v", len(keys), st.Sent, st)
-		}
-	})
-}
-
 // TestBusPubSubKill: the subscriber's connection is killed and cannot come
 // back for a while; a write made meanwhile is never hidden by a stale local
 // copy, and once the subscription is back the local tier serves again.
@@ -323,7 +307,7 @@ func TestBusKillRace(t *testing.T) {
 // deployments do after their first write.
 func seedStream(t testing.TB, tgt *redistest.Target, stream string) {
 	t.Helper()
-	msg := busmsg.Encode([8]byte{1}, 0, []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}, nil)[0]
+	msg := busmsg.Encode(busmsg.Message{Origin: [8]byte{1}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindFlush, Route: "nobody:v1"}}}, nil)[0]
 	if err := tgt.NewClient(t).XAdd(context.Background(), &redis.XAddArgs{Stream: stream, Values: []any{"m", msg}}).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -405,7 +389,7 @@ func TestBusStreamTrimmed(t *testing.T) {
 		// Another node floods the stream: with MAXLEN ~ 5, Redis trims
 		// whole nodes of 100 entries, so 300 entries trim a's away.
 		client := tgt.NewClient(t)
-		msg := busmsg.Encode([8]byte{9}, time.Now().UnixMilli(), []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: "elsewhere:v1", Keys: []string{"z"}}}, nil)[0]
+		msg := busmsg.Encode(busmsg.Message{Origin: [8]byte{9}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: "elsewhere:v1", Keys: []string{"z"}}}}, nil)[0]
 		_, err := client.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for range 300 {
 				p.XAdd(ctx, &redis.XAddArgs{Stream: stream, MaxLen: 5, Approx: true, Values: []any{"m", msg}})
@@ -455,8 +439,8 @@ func TestBusForgedDropped(t *testing.T) {
 		route := ns + ":" + layercache.DefaultVersion
 		items := []busmsg.Item{{Kind: busmsg.KindInvalidate, Route: route, Keys: []string{"k"}}, {Kind: busmsg.KindFlush, Route: route}}
 		forged := [][]byte{
-			busmsg.Encode([8]byte{6, 6, 6}, 0, items, nil)[0],
-			busmsg.Encode([8]byte{6, 6, 6}, 0, items, []byte("the wrong secret, 32 bytes......"))[0],
+			busmsg.Encode(busmsg.Message{Origin: [8]byte{6, 6, 6}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: items}, nil)[0],
+			busmsg.Encode(busmsg.Message{Origin: [8]byte{6, 6, 6}, SentAt: time.Now().UnixMilli(), Seq: 1, Items: items}, []byte("the wrong secret, 32 bytes......"))[0],
 		}
 		for _, m := range forged {
 			var err error
@@ -554,39 +538,21 @@ func TestBusOptionErrors(t *testing.T) {
 	}
 }
 
-// TestBusBacklogBecomesFlush: while a node cannot publish, its pending
-// invalidations pile up; past a bound they become a flush of the route,
-// which the other nodes apply once the node is back.
-func TestBusBacklogBecomesFlush(t *testing.T) {
-	tgt := redistest.Miniredis(t)
-	ctx := context.Background()
-	ns := redistest.Namespace(t)
-	opts := busModes[0].opts(ns)
-	a := newNode(t, tgt, ns, opts)
-	b := newNode(t, tgt, ns, opts)
-	set(t, a, "k", "v1")
-	b.warm(t, "k", "v1")
-	flushes := b.cache.Stats().LocalFlushes
-
-	a.fault.cut() // a's bus cannot publish; its cache still writes Redis
-	keys := make([]string, 9000)
-	for i := range keys {
-		keys[i] = fmt.Sprint("gone-", i)
-	}
-	if err := a.cache.Delete(ctx, keys...); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.cache.Set(ctx, "k", "v2"); err != nil {
-		t.Fatal(err)
-	}
-	a.fault.heal()
-	eventually(t, "b to apply the route flush", func() bool { return b.cache.Stats().LocalFlushes > flushes })
-	if v := b.get(t, "k"); v != "v2" {
-		t.Fatalf("b read %q after the flush", v)
-	}
-	// Only the two sets of "k" went out as keys; the 9000 deletes did not.
-	if st := a.bus.Stats(); st.SentKeys > 2 {
-		t.Fatalf("a sent keys instead of a flush: %+v", st)
+// TestNewBusRefusesTypedNilClients: a nil pointer of a client type passes
+// a plain nil check; NewBus must refuse it rather than start a goroutine
+// whose first command panics and kills the process.
+func TestNewBusRefusesTypedNilClients(t *testing.T) {
+	defer goleak.VerifyNone(t, leakOptions()...)
+	for name, client := range map[string]redis.UniversalClient{
+		"nil interface":        nil,
+		"*redis.Client":        (*redis.Client)(nil),
+		"*redis.ClusterClient": (*redis.ClusterClient)(nil),
+		"*redis.Ring":          (*redis.Ring)(nil),
+	} {
+		bus, err := layercache.NewBus(client)
+		if !errors.Is(err, layercache.ErrInvalidOption) || bus != nil {
+			t.Errorf("%s: NewBus = %v, %v; want ErrInvalidOption", name, bus, err)
+		}
 	}
 }
 
