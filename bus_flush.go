@@ -67,7 +67,7 @@ func (b *Bus) remoteFlushLocked(route string) {
 			f.timer = time.AfterFunc(remoteFlushInterval, b.flushDeferred)
 		}
 		f.mu.Unlock()
-		b.stats.flushesDeferred.Add(1)
+		b.rec.inc(evBusFlushesDeferred)
 		b.logFlood.log(b.ctx, b.log, slog.LevelWarn, "layercache: remote flushes arrive faster than one per interval; applying them at most once per interval",
 			slog.String("route", route), slog.Duration("interval", remoteFlushInterval))
 		return
@@ -153,5 +153,5 @@ func (b *Bus) flushLocked(route string) {
 			t.flush()
 		}
 	}
-	b.stats.flushes.Add(1)
+	b.rec.inc(evBusFlushes)
 }

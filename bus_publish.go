@@ -135,7 +135,7 @@ func (b *Bus) enqueueLocked(route string, keys []string, flush bool) (overflow b
 		p.keys, p.size, p.flush = nil, 0, true
 	}
 	b.pendSize = 0
-	b.stats.backlogFlushes.Add(1)
+	b.rec.inc(evBusBacklogFlushes)
 	return true
 }
 
@@ -143,7 +143,7 @@ func (b *Bus) enqueueLocked(route string, keys []string, flush bool) (overflow b
 // pubMu: a slow log handler must not hold up writers.
 func (b *Bus) logOverflow() {
 	b.logBacklog.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidations waiting to be published outgrew their bound; other nodes will flush the caches concerned instead",
-		slog.Int("bound_bytes", b.cfg.maxPending), slog.Uint64("send_errors", b.stats.sendErrors.Load()))
+		slog.Int("bound_bytes", b.cfg.maxPending), slog.Uint64("send_errors", b.rec.get(evBusSendErrors)))
 }
 
 // takePending empties the queue into message items.
@@ -218,7 +218,7 @@ func (b *Bus) runPublisher() {
 				break
 			}
 			if err := b.send(b.ctx, items); err != nil {
-				b.stats.sendErrors.Add(1)
+				b.rec.inc(evBusSendErrors)
 				b.requeue(items)
 				if b.ctx.Err() != nil {
 					break // Close sends what is left
@@ -258,7 +258,7 @@ func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
 		if err := b.post(ctx, b.client, msgs[0]).Err(); err != nil {
 			return err
 		}
-		b.stats.sent.Add(1)
+		b.rec.inc(evBusSent)
 		msgs = nil
 	}
 	// A bulk write's messages go out pipelined, sendBatch at a time: one
@@ -274,7 +274,7 @@ func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
 			return nil
 		})
 		if err == nil {
-			b.stats.sent.Add(uint64(n))
+			b.rec.add(evBusSent, uint64(n))
 		}
 		msgs = msgs[n:]
 	}
@@ -282,7 +282,7 @@ func (b *Bus) send(ctx context.Context, items []busmsg.Item) error {
 		return err
 	}
 	for _, it := range items {
-		b.stats.sentKeys.Add(uint64(len(it.Keys)))
+		b.rec.add(evBusSentKeys, uint64(len(it.Keys)))
 	}
 	return nil
 }

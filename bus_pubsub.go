@@ -66,7 +66,7 @@ func (b *Bus) runPubSub() {
 		case *redis.Subscription:
 			if m.Kind == "subscribe" && m.Channel == b.cfg.channel {
 				b.markCurrent(true)
-				b.stats.subscriptions.Add(1) // after the flush it caused
+				b.rec.inc(evBusSubscriptions) // after the flush it caused
 			}
 		case *redis.Message:
 			b.handle(m.Payload, time.Now().UnixMilli())

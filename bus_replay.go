@@ -54,7 +54,7 @@ func freshAt(sentAt, at int64) bool {
 // is new. It counts and logs what it drops.
 func (b *Bus) admit(m *busmsg.Message, at int64) bool {
 	if !freshAt(m.SentAt, at) {
-		b.stats.stale.Add(1)
+		b.rec.inc(evBusStale)
 		b.logStale.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a bus message sent outside the replay window: a replay, clocks further apart than the window (check NTP on every node and on Redis), or this process stalled for longer",
 			slog.String("origin", fmt.Sprintf("%x", m.Origin)), slog.Duration("age", time.Duration(at-m.SentAt)*time.Millisecond),
 			slog.Duration("window", BusReplayWindow))
@@ -69,7 +69,7 @@ func (b *Bus) admit(m *busmsg.Message, at int64) bool {
 		return true
 	}
 	if !b.replays.admit(m.Origin, m.Seq, m.SentAt, at) {
-		b.stats.replays.Add(1)
+		b.rec.inc(evBusReplays)
 		b.logReplay.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a replayed bus message (a sequence number already applied)",
 			slog.String("origin", fmt.Sprintf("%x", m.Origin)), slog.Uint64("seq", m.Seq))
 		return false

@@ -54,14 +54,14 @@ func (b *Bus) runStream() {
 			}
 			bo.reset()
 			if lost {
-				b.stats.trimmed.Add(1)
+				b.rec.inc(evBusTrimmed)
 				b.log.LogAttrs(b.ctx, slog.LevelWarn, "layercache: invalidations were trimmed from the stream before this node read them; local tiers flushed",
 					slog.String("last_seen", lastID), slog.Int64("maxlen", b.cfg.maxLen))
 				b.flushAll()
 				lastID = next
 				continue
 			}
-			b.stats.replayed.Add(uint64(len(entries)))
+			b.rec.add(evBusReplayed, uint64(len(entries)))
 			lastID = b.apply(entries, lastID)
 			if b.cfg.catchUpHook != nil {
 				b.cfg.catchUpHook()
@@ -114,7 +114,7 @@ func (b *Bus) apply(entries []redis.XMessage, lastID string) string {
 			// them, while a captured message appended again is stale.
 			b.handle(s, streamEntryMs(e.ID, now))
 		} else {
-			b.stats.malformed.Add(1)
+			b.rec.inc(evBusMalformed)
 		}
 		lastID = e.ID
 	}

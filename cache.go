@@ -64,8 +64,8 @@ type Cache[T any] struct {
 // New does no I/O. It returns an error wrapping [ErrInvalidOption] if an
 // option is invalid.
 func New[T any](client redis.UniversalClient, opts ...Option) (*Cache[T], error) {
-	if client == nil {
-		return nil, fmt.Errorf("%w: New needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	if nilClient(client) {
+		return nil, fmt.Errorf("%w: New needs a redis.UniversalClient, got %s", ErrInvalidOption, describeNil(client))
 	}
 	cfg := defaultConfig()
 	for _, opt := range opts {

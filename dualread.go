@@ -74,8 +74,8 @@ func PhaseKey(name string) string { return "layercache-migration:{" + name + "}"
 // Any phase may follow any other; step one phase at a time, and reconcile
 // before a side becomes the only one read (see [Cache.Reconcile]).
 func SetPhase(ctx context.Context, client redis.UniversalClient, name string, p Phase) error {
-	if client == nil {
-		return fmt.Errorf("%w: SetPhase needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	if nilClient(client) {
+		return fmt.Errorf("%w: SetPhase needs a redis.UniversalClient, got %s", ErrInvalidOption, describeNil(client))
 	}
 	if err := checkName("SetPhase migration name", name); err != nil {
 		return err
@@ -92,8 +92,8 @@ func SetPhase(ctx context.Context, client redis.UniversalClient, name string, p 
 // GetPhase reads the phase of the migration name from Redis: [PhaseOld]
 // if it was never set.
 func GetPhase(ctx context.Context, client redis.UniversalClient, name string) (Phase, error) {
-	if client == nil {
-		return 0, fmt.Errorf("%w: GetPhase needs a redis.UniversalClient, got nil", ErrInvalidOption)
+	if nilClient(client) {
+		return 0, fmt.Errorf("%w: GetPhase needs a redis.UniversalClient, got %s", ErrInvalidOption, describeNil(client))
 	}
 	if err := checkName("GetPhase migration name", name); err != nil {
 		return 0, err
@@ -296,7 +296,7 @@ func (m *migration) snapshot() MigrationStats {
 		return MigrationStats{}
 	}
 	st := MigrationStats{Name: m.name, Phase: Phase(m.phase.Load()), PhaseChanges: m.changes.Load()}
-	m.sides[sideOld].snapshotInto(&st.Old, evSideReads, numEvents)
-	m.sides[sideNew].snapshotInto(&st.New, evSideReads, numEvents)
+	m.sides[sideOld].snapshotInto(&st.Old, evSideReads, evBusSent)
+	m.sides[sideNew].snapshotInto(&st.New, evSideReads, evBusSent)
 	return st
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -96,7 +95,8 @@ type Bus struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
-	stats     busCounters
+	rec       recorder     // evBus* events: see BusStats
+	lastLagMs atomic.Int64 // LastLag, a gauge
 
 	logDown, logSend, logForged, logStale, logReplay, logFlood, logBacklog throttledLog
 }
@@ -193,28 +193,6 @@ func NewBus(client redis.UniversalClient, opts ...BusOption) (*Bus, error) {
 		go b.runPubSub()
 	}
 	return b, nil
-}
-
-// nilClient reports whether c is unusable as a client: a nil interface, or
-// an interface holding a nil pointer (or other nil reference) of any type,
-// such as (*redis.Client)(nil), whose first command would panic.
-func nilClient(c redis.UniversalClient) bool {
-	if c == nil {
-		return true
-	}
-	switch v := reflect.ValueOf(c); v.Kind() {
-	case reflect.Pointer, reflect.Interface, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
-		return v.IsNil()
-	}
-	return false
-}
-
-// describeNil names what nilClient refused, for error messages.
-func describeNil(c redis.UniversalClient) string {
-	if c == nil {
-		return "nil"
-	}
-	return fmt.Sprintf("a nil %T", c)
 }
 
 // Ready waits until the bus is subscribed (pub/sub) or has caught up with
@@ -368,7 +346,7 @@ func (b *Bus) setDown(reason error) {
 	}
 	b.mu.Unlock()
 	if was {
-		b.stats.disconnects.Add(1)
+		b.rec.inc(evBusDisconnects)
 		b.logDown.log(b.ctx, b.log, slog.LevelWarn, "layercache: invalidation bus interrupted; local hits off until it is current",
 			slog.Any("reason", reason))
 	}
@@ -392,7 +370,7 @@ func (b *Bus) markCurrent(flush bool) {
 		}
 	}
 	if flush {
-		b.stats.flushes.Add(1)
+		b.rec.inc(evBusFlushes)
 	}
 	if !b.up {
 		b.up = true
@@ -417,18 +395,18 @@ func (b *Bus) handle(payload string, at int64) {
 	switch {
 	case err == nil:
 	case errors.Is(err, busmsg.ErrForged):
-		b.stats.forged.Add(1)
+		b.rec.inc(evBusForged)
 		b.logForged.log(b.ctx, b.log, slog.LevelWarn, "layercache: dropped a bus message that failed authentication")
 		return
 	case errors.Is(err, busmsg.ErrForeign):
-		b.stats.malformed.Add(1)
+		b.rec.inc(evBusMalformed)
 		return
 	default:
 		// Ours (and authentic, if there is a secret), but unreadable: a
 		// newer format or a bug. It may have carried invalidations, so
 		// the only safe reading is "anything may have changed". Without
 		// a secret anyone can send one, hence the limit.
-		b.stats.malformed.Add(1)
+		b.rec.inc(evBusMalformed)
 		b.mu.RLock()
 		b.remoteFlushLocked(allRoutes)
 		b.mu.RUnlock()
@@ -440,9 +418,9 @@ func (b *Bus) handle(payload string, at int64) {
 	if !b.admit(&m, at) {
 		return
 	}
-	b.stats.received.Add(1)
+	b.rec.inc(evBusReceived)
 	if lag := time.Now().UnixMilli() - m.SentAt; lag >= 0 {
-		b.stats.lastLagMs.Store(lag)
+		b.lastLagMs.Store(lag)
 	}
 	b.mu.RLock()
 	defer b.mu.RUnlock()
@@ -460,7 +438,7 @@ func (b *Bus) handle(payload string, at int64) {
 		for _, t := range b.routes[it.Route] {
 			t.remoteInvalidate(it.Keys)
 		}
-		b.stats.receivedKeys.Add(uint64(len(it.Keys))) // once applied: tests wait on it
+		b.rec.add(evBusReceivedKeys, uint64(len(it.Keys))) // once applied: tests wait on it
 	}
 }
 
@@ -519,29 +497,9 @@ type BusStats struct {
 	LastLag time.Duration
 }
 
-type busCounters struct {
-	sent, sentKeys, sendErrors atomic.Uint64
-	received, receivedKeys     atomic.Uint64
-	forged, malformed          atomic.Uint64
-	subscriptions, disconnects atomic.Uint64
-	flushes, replayed, trimmed atomic.Uint64
-	stale, replays             atomic.Uint64
-	flushesDeferred            atomic.Uint64
-	backlogFlushes             atomic.Uint64
-	lastLagMs                  atomic.Int64
-}
-
 // Stats returns a snapshot of the bus's counters.
 func (b *Bus) Stats() BusStats {
-	s := &b.stats
-	return BusStats{
-		Sent: s.sent.Load(), SentKeys: s.sentKeys.Load(), SendErrors: s.sendErrors.Load(),
-		Received: s.received.Load(), ReceivedKeys: s.receivedKeys.Load(),
-		Forged: s.forged.Load(), Malformed: s.malformed.Load(),
-		Subscriptions: s.subscriptions.Load(), Disconnects: s.disconnects.Load(),
-		Flushes: s.flushes.Load(), Replayed: s.replayed.Load(), Trimmed: s.trimmed.Load(),
-		Stale: s.stale.Load(), Replays: s.replays.Load(),
-		FlushesDeferred: s.flushesDeferred.Load(), BacklogFlushes: s.backlogFlushes.Load(),
-		LastLag: time.Duration(s.lastLagMs.Load()) * time.Millisecond,
-	}
+	st := BusStats{LastLag: time.Duration(b.lastLagMs.Load()) * time.Millisecond}
+	b.rec.snapshotInto(&st, evBusSent, numEvents)
+	return st
 }

@@ -231,8 +231,9 @@ func (l *localTier[T]) flush() {
 // other nodes and for its connection state.
 
 func (l *localTier[T]) remoteInvalidate(keys []string) {
-	l.stats.add(evInvalidationReceived, uint64(len(keys)))
 	l.invalidate(keys)
+	// Counted once applied: a reader that sees the count sees the keys gone.
+	l.stats.add(evInvalidationReceived, uint64(len(keys)))
 }
 
 func (l *localTier[T]) setUp(up bool) { l.up.Store(up) }

@@ -59,7 +59,7 @@ func (c *Cache[T]) PurgeVersion(ctx context.Context, version string, opts PurgeO
 // that running caches still use empties their cache: check first.
 func Purge(ctx context.Context, client redis.UniversalClient, namespace, version string, opts PurgeOptions) (PurgeReport, error) {
 	if nilClient(client) {
-		return PurgeReport{Version: version}, fmt.Errorf("%w: Purge needs a redis.UniversalClient, got nil", ErrInvalidOption)
+		return PurgeReport{Version: version}, fmt.Errorf("%w: Purge needs a redis.UniversalClient, got %s", ErrInvalidOption, describeNil(client))
 	}
 	if err := checkName("Purge namespace", namespace); err != nil {
 		return PurgeReport{Version: version}, err

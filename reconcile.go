@@ -95,7 +95,7 @@ type MigrationSpec struct {
 // [Cache.Reconcile], which compares values decoded as T.
 func Reconcile(ctx context.Context, client redis.UniversalClient, spec MigrationSpec, opts ReconcileOptions) (ReconcileReport, error) {
 	if nilClient(client) {
-		return ReconcileReport{}, fmt.Errorf("%w: Reconcile needs a redis.UniversalClient, got nil", ErrInvalidOption)
+		return ReconcileReport{}, fmt.Errorf("%w: Reconcile needs a redis.UniversalClient, got %s", ErrInvalidOption, describeNil(client))
 	}
 	if spec.Namespace == "" {
 		spec.Namespace = DefaultNamespace

@@ -239,12 +239,24 @@ func crc16(s string) uint16 {
 	return c
 }
 
-// nilClient reports whether c is nil or a nil pointer of any client type
-// (a typed nil passes a plain nil check and panics at first use).
+// nilClient reports whether c is unusable as a client: a nil interface, or
+// an interface holding a nil pointer (or other nil reference) of any type,
+// such as (*redis.Client)(nil), whose first command would panic.
 func nilClient(c redis.UniversalClient) bool {
 	if c == nil {
 		return true
 	}
-	v := reflect.ValueOf(c)
-	return v.Kind() == reflect.Pointer && v.IsNil()
+	switch v := reflect.ValueOf(c); v.Kind() {
+	case reflect.Pointer, reflect.Interface, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
+		return v.IsNil()
+	}
+	return false
+}
+
+// describeNil names what nilClient refused, for error messages.
+func describeNil(c redis.UniversalClient) string {
+	if c == nil {
+		return "nil"
+	}
+	return fmt.Sprintf("a nil %T", c)
 }

@@ -100,7 +100,9 @@ func TestRecorderCoversEveryCounter(t *testing.T) {
 	var st Stats
 	r.snapshotInto(&st, 0, evSideReads)
 	var side SideStats
-	r.snapshotInto(&side, evSideReads, numEvents)
+	r.snapshotInto(&side, evSideReads, evBusSent)
+	var bus BusStats
+	r.snapshotInto(&bus, evBusSent, numEvents)
 	check := func(v any, from, to event) {
 		seen := map[uint64]bool{}
 		rv := reflect.ValueOf(v).Elem()
@@ -123,5 +125,6 @@ func TestRecorderCoversEveryCounter(t *testing.T) {
 		}
 	}
 	check(&st, 0, evSideReads)
-	check(&side, evSideReads, numEvents)
+	check(&side, evSideReads, evBusSent)
+	check(&bus, evBusSent, numEvents)
 }

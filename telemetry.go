@@ -60,6 +60,24 @@ const (
 	evSideInvalidations
 	evSideErrors
 
+	// A bus's events: see BusStats.
+	evBusSent
+	evBusSentKeys
+	evBusSendErrors
+	evBusReceived
+	evBusReceivedKeys
+	evBusForged
+	evBusMalformed
+	evBusSubscriptions
+	evBusDisconnects
+	evBusFlushes
+	evBusReplayed
+	evBusTrimmed
+	evBusStale
+	evBusReplays
+	evBusBacklogFlushes
+	evBusFlushesDeferred
+
 	numEvents
 )
 
@@ -110,6 +128,23 @@ var events = [numEvents]eventInfo{
 	evSideWrites:        {stat: "Writes"},
 	evSideInvalidations: {stat: "Invalidations"},
 	evSideErrors:        {stat: "Errors"},
+
+	evBusSent:            {stat: "Sent"},
+	evBusSentKeys:        {stat: "SentKeys"},
+	evBusSendErrors:      {stat: "SendErrors"},
+	evBusReceived:        {stat: "Received"},
+	evBusReceivedKeys:    {stat: "ReceivedKeys"},
+	evBusForged:          {stat: "Forged"},
+	evBusMalformed:       {stat: "Malformed"},
+	evBusSubscriptions:   {stat: "Subscriptions"},
+	evBusDisconnects:     {stat: "Disconnects"},
+	evBusFlushes:         {stat: "Flushes"},
+	evBusReplayed:        {stat: "Replayed"},
+	evBusTrimmed:         {stat: "Trimmed"},
+	evBusStale:           {stat: "Stale"},
+	evBusReplays:         {stat: "Replays"},
+	evBusBacklogFlushes:  {stat: "BacklogFlushes"},
+	evBusFlushesDeferred: {stat: "FlushesDeferred"},
 }
 
 // recorder holds the live counters of one cache, migration side or bus.

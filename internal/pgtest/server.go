@@ -132,6 +132,21 @@ func (s *Server) logPath() string { return filepath.Join(s.base, "log") }
 // start starts the postmaster and waits until it accepts connections.
 // s.mu must be held or s not yet shared.
 func (s *Server) start() error {
+	// After a Kill, the killed postmaster's backends may still be on their
+	// way out, attached to its shared memory, and postgres refuses to
+	// start over it ("pre-existing shared memory block is still in use")
+	// until they are gone: try again for a while.
+	var err error
+	for range 50 {
+		if err = s.startOnce(); err == nil || !strings.Contains(err.Error(), "pre-existing shared memory block") {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return err
+}
+
+func (s *Server) startOnce() error {
 	b, err := binaries()
 	if err != nil {
 		return err
