@@ -264,7 +264,7 @@ func (c *Cache[T]) Get(ctx context.Context, key string) (T, error) {
 // Stats returns a snapshot of the cache's counters.
 func (c *Cache[T]) Stats() Stats {
 	var st Stats
-	c.rec.snapshotInto(&st, 0, evSideReads)
+	c.rec.snapshotInto(&st, ofCache)
 	st.Migration = c.mig.snapshot()
 	return st
 }

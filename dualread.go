@@ -296,7 +296,7 @@ func (m *migration) snapshot() MigrationStats {
 		return MigrationStats{}
 	}
 	st := MigrationStats{Name: m.name, Phase: Phase(m.phase.Load()), PhaseChanges: m.changes.Load()}
-	m.sides[sideOld].snapshotInto(&st.Old, evSideReads, evBusSent)
-	m.sides[sideNew].snapshotInto(&st.New, evSideReads, evBusSent)
+	m.sides[sideOld].snapshotInto(&st.Old, ofSide)
+	m.sides[sideNew].snapshotInto(&st.New, ofSide)
 	return st
 }

@@ -500,6 +500,6 @@ type BusStats struct {
 // Stats returns a snapshot of the bus's counters.
 func (b *Bus) Stats() BusStats {
 	st := BusStats{LastLag: time.Duration(b.lastLagMs.Load()) * time.Millisecond}
-	b.rec.snapshotInto(&st, evBusSent, numEvents)
+	b.rec.snapshotInto(&st, ofBus)
 	return st
 }

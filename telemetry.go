@@ -81,9 +81,20 @@ const (
 	numEvents
 )
 
+// owner is what counts an event: a cache, a migration side or a bus.
+type owner uint8
+
+const (
+	ofCache owner = iota // Stats
+	ofSide               // SideStats
+	ofBus                // BusStats
+)
+
 // eventInfo says where an event shows.
 type eventInfo struct {
-	// stat is the field of Stats or SideStats that snapshots it.
+	// of is what counts it; stat is the field of of's snapshot type
+	// (Stats, SideStats, BusStats) that shows it.
+	of   owner
 	stat string
 }
 
@@ -120,31 +131,31 @@ var events = [numEvents]eventInfo{
 	evValidationFailure:    {stat: "ValidationFailures"},
 	evSwept:                {stat: "Swept"},
 
-	evSideReads:         {stat: "Reads"},
-	evSideHits:          {stat: "Hits"},
-	evSideMisses:        {stat: "Misses"},
-	evSideFallbacks:     {stat: "Fallbacks"},
-	evSideBackfills:     {stat: "Backfills"},
-	evSideWrites:        {stat: "Writes"},
-	evSideInvalidations: {stat: "Invalidations"},
-	evSideErrors:        {stat: "Errors"},
+	evSideReads:         {of: ofSide, stat: "Reads"},
+	evSideHits:          {of: ofSide, stat: "Hits"},
+	evSideMisses:        {of: ofSide, stat: "Misses"},
+	evSideFallbacks:     {of: ofSide, stat: "Fallbacks"},
+	evSideBackfills:     {of: ofSide, stat: "Backfills"},
+	evSideWrites:        {of: ofSide, stat: "Writes"},
+	evSideInvalidations: {of: ofSide, stat: "Invalidations"},
+	evSideErrors:        {of: ofSide, stat: "Errors"},
 
-	evBusSent:            {stat: "Sent"},
-	evBusSentKeys:        {stat: "SentKeys"},
-	evBusSendErrors:      {stat: "SendErrors"},
-	evBusReceived:        {stat: "Received"},
-	evBusReceivedKeys:    {stat: "ReceivedKeys"},
-	evBusForged:          {stat: "Forged"},
-	evBusMalformed:       {stat: "Malformed"},
-	evBusSubscriptions:   {stat: "Subscriptions"},
-	evBusDisconnects:     {stat: "Disconnects"},
-	evBusFlushes:         {stat: "Flushes"},
-	evBusReplayed:        {stat: "Replayed"},
-	evBusTrimmed:         {stat: "Trimmed"},
-	evBusStale:           {stat: "Stale"},
-	evBusReplays:         {stat: "Replays"},
-	evBusBacklogFlushes:  {stat: "BacklogFlushes"},
-	evBusFlushesDeferred: {stat: "FlushesDeferred"},
+	evBusSent:            {of: ofBus, stat: "Sent"},
+	evBusSentKeys:        {of: ofBus, stat: "SentKeys"},
+	evBusSendErrors:      {of: ofBus, stat: "SendErrors"},
+	evBusReceived:        {of: ofBus, stat: "Received"},
+	evBusReceivedKeys:    {of: ofBus, stat: "ReceivedKeys"},
+	evBusForged:          {of: ofBus, stat: "Forged"},
+	evBusMalformed:       {of: ofBus, stat: "Malformed"},
+	evBusSubscriptions:   {of: ofBus, stat: "Subscriptions"},
+	evBusDisconnects:     {of: ofBus, stat: "Disconnects"},
+	evBusFlushes:         {of: ofBus, stat: "Flushes"},
+	evBusReplayed:        {of: ofBus, stat: "Replayed"},
+	evBusTrimmed:         {of: ofBus, stat: "Trimmed"},
+	evBusStale:           {of: ofBus, stat: "Stale"},
+	evBusReplays:         {of: ofBus, stat: "Replays"},
+	evBusBacklogFlushes:  {of: ofBus, stat: "BacklogFlushes"},
+	evBusFlushesDeferred: {of: ofBus, stat: "FlushesDeferred"},
 }
 
 // recorder holds the live counters of one cache, migration side or bus.
@@ -162,39 +173,43 @@ func (r *recorder) inc(e event) { r.n[e].Add(1) }
 // get returns e's count.
 func (r *recorder) get(e event) uint64 { return r.n[e].Load() }
 
-// snapshotInto copies the counters of the events in [from, to) into the
-// fields of *dst that they name (see events): one generic snapshot for
-// Stats, SideStats and BusStats instead of one written out per type.
-func (r *recorder) snapshotInto(dst any, from, to event) {
+// snapshotInto copies the counters into the fields of *dst that the
+// events name (see events): one generic snapshot for Stats, SideStats and
+// BusStats instead of one written out per type. A recorder counts the
+// events of one kind of owner; fields of dst no event names stay as they
+// are.
+func (r *recorder) snapshotInto(dst any, of owner) {
 	v := reflect.ValueOf(dst).Elem()
-	for e, f := range fieldsOf(v.Type(), from, to) {
+	for e, f := range fieldsOf(v.Type(), of) {
 		if f >= 0 {
-			v.Field(f).SetUint(r.n[from+event(e)].Load())
+			v.Field(f).SetUint(r.n[e].Load())
 		}
 	}
 }
 
-// fieldIndexes caches, per snapshot type and event range, the field each
-// event fills.
+// fieldIndexes caches, per snapshot type, the field each event fills.
 var fieldIndexes sync.Map // fieldKey -> []int
 
 type fieldKey struct {
-	t        reflect.Type
-	from, to event
+	t  reflect.Type
+	of owner
 }
 
-// fieldsOf returns, for each event in [from, to), the index of the field
-// of t it fills, or -1.
-func fieldsOf(t reflect.Type, from, to event) []int {
-	k := fieldKey{t, from, to}
+// fieldsOf returns, for each event of owner of, the index of the uint64
+// field of t it fills; -1 for the other events.
+func fieldsOf(t reflect.Type, of owner) []int {
+	k := fieldKey{t, of}
 	if idx, ok := fieldIndexes.Load(k); ok {
 		return idx.([]int)
 	}
-	idx := make([]int, to-from)
-	for e := from; e < to; e++ {
-		idx[e-from] = -1
+	idx := make([]int, numEvents)
+	for e := range idx {
+		idx[e] = -1
+		if events[e].of != of {
+			continue
+		}
 		if f, ok := t.FieldByName(events[e].stat); ok && f.Type.Kind() == reflect.Uint64 {
-			idx[e-from] = f.Index[0]
+			idx[e] = f.Index[0]
 		}
 	}
 	fieldIndexes.Store(k, idx)
